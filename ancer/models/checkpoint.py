@@ -1,0 +1,95 @@
+"""Reading a checkpoint file safely: hashing, the unpickling, and errors for bad files.
+
+Files are unpickled with ``torch.load(weights_only=True)`` unless the caller trusts them,
+since unpickling an untrusted file can run arbitrary code. TorchScript archives are read
+with ``torch.jit.load``, which runs no Python code from the file. What the unpickled
+object holds (which training code wrote it) is decided in :mod:`ancer.models.formats`.
+"""
+import hashlib
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from ancer.errors import CheckpointError
+
+PathLike = Union[str, Path]
+
+
+def sha256_of(path: PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_torchscript(path: PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` and
+    ``code/``), as written by ``torch.jit.save``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def check_file(path: PathLike) -> Path:
+    """``path`` as a Path if it is a non-empty regular file, else CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a regular file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes)")
+    return path
+
+
+def read_checkpoint(path: PathLike, trust: bool, map_location: Any) -> Any:
+    """Load the object stored in ``path``: a ScriptModule for a TorchScript archive, else
+    what ``torch.load`` returns (with ``weights_only=not trust``).
+
+    Raises CheckpointError for a missing, empty, truncated or corrupt file, for a file
+    that needs ``trust=True``, and for a trusted pickle whose classes cannot be imported.
+    """
+    path = check_file(path)
+    with open(path, "rb") as f:
+        zip_magic = f.read(2) == b"PK"
+    if zip_magic and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a truncated or corrupt zip archive (no central "
+            "directory): the file was not completely written or copied; fetch it again"
+        )
+    try:
+        if is_torchscript(path):
+            return torch.jit.load(str(path), map_location=map_location)
+        return torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if "Weights only load failed" in str(exc):
+            what = f"the Python object {found.group(1)}" if found else "Python objects"
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds {what}, not only tensors, so it was not "
+                "unpickled: loading it could run code from the file. If you trust its "
+                "source, pass trust=True"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be unpickled ({exc}); the file is "
+            "truncated, corrupt, or not a PyTorch checkpoint"
+        ) from None
+    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a pickle of classes that cannot be imported here "
+            f"({exc}); import the code that defined the model first, or save its "
+            "state_dict() and load it with arch=..."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        reason = str(exc).split(".")[0] or type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read ({reason}); the file is "
+            "truncated, corrupt, or not a PyTorch checkpoint"
+        ) from None

@@ -1,0 +1,385 @@
+"""The smoothed classifier g(x) = argmax_c P(f(x + ε) = c): PREDICT and CERTIFY.
+
+Follows Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness via Randomized
+Smoothing" (ICML 2019), Algorithms 1 and 2 and their ``code/core.py``:
+
+CERTIFY(f, σ, x, n0, n, α)
+    counts0 ← SAMPLEUNDERNOISE(f, x, n0, σ);  ĉ_A ← top index in counts0
+    counts  ← SAMPLEUNDERNOISE(f, x, n, σ)    (fresh draws, independent of counts0)
+    p_A ← LOWERCONFBOUND(counts[ĉ_A], n, 1 − α)   (one-sided Clopper-Pearson)
+    if p_A > 1/2: return ĉ_A and the region the noise certifies at p_A; else ABSTAIN
+
+PREDICT(f, σ, x, n, α)
+    counts ← SAMPLEUNDERNOISE(f, x, n, σ);  n_A, n_B ← the top two counts
+    if BINOMPVALUE(n_A, n_A + n_B, 0.5) <= α: return ĉ_A; else ABSTAIN
+
+The region is an l2 ball for isotropic Gaussian noise (Cohen et al.), an l1 ball for uniform
+noise (Yang et al. 2020), and an ellipsoid or generalized cross-polytope for per-dimension
+scales (ANCER, Alfarra et al. 2022).
+
+SAMPLEUNDERNOISE here draws noise on the model's device straight into one reused buffer,
+packs the samples of several inputs into one forward batch, counts votes on the device, and
+copies counts to the host once per phase. Each input's noise comes from its own generator in
+chunks whose sizes depend only on (num, batch_size), so an input's certificate does not depend
+on which other inputs share its batches.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ancer.certificates import Region
+from ancer.errors import ArgumentError
+from ancer.noise import Noise
+from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
+
+#: the label of an abstention, as in Cohen et al.'s results files
+ABSTAIN = -1
+
+#: autocast dtypes of the supported precisions; "fp32" runs the model as it is
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+ProgressCallback = Callable[[int], None]
+
+
+class InputRangeWarning(UserWarning):
+    """An input lies outside [0, 1], the pixel range every ancer model expects."""
+
+
+@dataclass
+class Certificate:
+    """The outcome of CERTIFY for one input.
+
+    ``label`` is the certified class or ``ABSTAIN``; ``region`` the certified region (None on
+    abstention); ``p_lower`` the one-sided (1 − alpha) Clopper-Pearson bound on the selected
+    class's probability from the ``n`` estimation draws; ``counts`` the estimation votes per
+    class and ``selection_counts`` the n0 selection votes (kept so that a radius can be
+    recomputed for another alpha without sampling again). ``precision`` names how the base
+    classifier was evaluated: the certificate is about the model as evaluated.
+    """
+
+    label: int
+    p_lower: float
+    region: Optional[Region]
+    norm: str
+    counts: np.ndarray
+    selection_counts: np.ndarray
+    n0: int
+    n: int
+    alpha: float
+    precision: str
+    noise: Noise = field(repr=False)
+
+    @property
+    def abstained(self) -> bool:
+        return self.label == ABSTAIN
+
+    @property
+    def radius(self) -> float:
+        """The certified radius: the ball's radius, or for an anisotropic region the radius of
+        the largest l_p ball inside (the proxy radius); 0.0 on abstention (Cohen et al.)."""
+        return 0.0 if self.region is None else self.region.proxy_radius
+
+    @property
+    def proxy_radius(self) -> float:
+        return 0.0 if self.region is None else self.region.proxy_radius
+
+    @property
+    def volume_radius(self) -> float:
+        return 0.0 if self.region is None else self.region.volume_radius
+
+    @property
+    def log_volume(self) -> float:
+        return float("-inf") if self.region is None else self.region.log_volume
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _chunk_sizes(num: int, batch_size: int) -> List[int]:
+    """The sizes in which one input's ``num`` draws are made: full batches, then the rest."""
+    sizes = [batch_size] * (num // batch_size)
+    if num % batch_size:
+        sizes.append(num % batch_size)
+    return sizes
+
+
+def _pack(num_inputs: int, num: int, batch_size: int) -> List[List[tuple]]:
+    """Forward batches as lists of (input, chunk size): whole chunks, in input order, as many
+    per batch as fit in ``batch_size``."""
+    batches, current, filled = [], [], 0
+    for index in range(num_inputs):
+        for size in _chunk_sizes(num, batch_size):
+            if filled + size > batch_size:
+                batches.append(current)
+                current, filled = [], 0
+            current.append((index, size))
+            filled += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Smoothed:
+    """A base classifier ``model`` smoothed with ``noise``: g(x) = argmax_c P(f(x + ε) = c).
+
+    ``model`` maps a batch of inputs in [0, 1] to ``num_classes`` scores (logits or
+    probabilities: only the argmax is used). ``precision`` is "fp32" (default), "bf16" or
+    "fp16" (autocast); certificates then hold for the model evaluated that way, and say so.
+    ``channels_last`` converts the model and the noise buffer to that memory format. The
+    model is put in eval mode and run under ``torch.inference_mode``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise: Noise,
+        num_classes: int,
+        *,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        if not isinstance(noise, Noise):
+            raise ArgumentError(f"noise must be an ancer.noise.Noise (Gaussian or Uniform), got {noise!r}")
+        if precision not in PRECISIONS:
+            raise ArgumentError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.num_classes = check_count("num_classes", num_classes, minimum=2)
+        self.noise = noise
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model = model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.dtype = _model_dtype(self.model)
+        self._buffer: Optional[torch.Tensor] = None
+
+    # -- the paper's two procedures ------------------------------------------------------
+    def predict(
+        self,
+        x: torch.Tensor,
+        n: int,
+        alpha: float,
+        batch_size: int = 1000,
+        generator: Optional[torch.Generator] = None,
+    ) -> int:
+        """PREDICT (Cohen et al. 2019, Alg. 2): the top class of ``n`` noisy votes if the
+        two-sided binomial test of n_A against n_A + n_B at p = 1/2 rejects at level
+        ``alpha``, else ``ABSTAIN``. Wrong with probability at most alpha."""
+        alpha = check_alpha(alpha)
+        counts = self.sample_counts(self._one_input(x), n, batch_size, generators=[generator])[0]
+        top_two = np.argsort(counts)[::-1][:2]
+        count_a, count_b = int(counts[top_two[0]]), int(counts[top_two[1]])
+        return int(top_two[0]) if predict_decides(count_a, count_b, alpha) else ABSTAIN
+
+    def certify(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int = 1000,
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[Noise] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> Certificate:
+        """CERTIFY (Cohen et al. 2019, Alg. 1) for one input ``x``; ``noise`` overrides the
+        smoothing noise for this input (e.g. per-input scales from an optimizer)."""
+        return self.certify_batch(
+            self._one_input(x), n0, n, alpha, batch_size,
+            generators=[generator], noises=[noise or self.noise], progress=progress,
+        )[0]
+
+    def certify_batch(
+        self,
+        xs: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int = 1000,
+        generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+        noises: Optional[Sequence[Noise]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> List[Certificate]:
+        """CERTIFY for every input of ``xs`` (shape (B, *input_shape)), their samples packed
+        into shared forward batches. ``generators[i]`` and ``noises[i]`` give input i its own
+        randomness and noise; ``progress`` is called with the number of draws after each
+        forward batch. The selection phase (n0 draws each) and the estimation phase (n
+        draws each) use separate draws, so ĉ_A is independent of the counts bounding p_A."""
+        n0 = check_count("n0", n0)
+        n = check_count("n", n)
+        alpha = check_alpha(alpha)
+        batch_size = check_count("batch_size", batch_size)
+        centers = xs.detach().to("cpu") if isinstance(xs, torch.Tensor) else xs
+        xs = self._check_inputs(xs)
+        noises = self._noises_for(xs, noises)
+        generators = self._generators_for(xs, generators)
+        selection = self._sample_counts(xs, n0, batch_size, generators, noises, progress)
+        estimation = self._sample_counts(xs, n, batch_size, generators, noises, progress)
+        certificates = []
+        for i, noise in enumerate(noises):
+            candidate = int(np.argmax(selection[i]))
+            p_lower = clopper_pearson_lower(int(estimation[i, candidate]), n, alpha)
+            certified = p_lower > 0.5
+            certificates.append(Certificate(
+                label=candidate if certified else ABSTAIN,
+                p_lower=p_lower,
+                region=noise.region(centers[i], p_lower) if certified else None,
+                norm=noise.norm,
+                counts=estimation[i],
+                selection_counts=selection[i],
+                n0=n0, n=n, alpha=alpha,
+                precision=self.precision,
+                noise=noise,
+            ))
+        return certificates
+
+    # -- SAMPLEUNDERNOISE ----------------------------------------------------------------
+    def sample_counts(
+        self,
+        xs: torch.Tensor,
+        num: int,
+        batch_size: int = 1000,
+        generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+        noises: Optional[Sequence[Noise]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> np.ndarray:
+        """Votes of the base classifier on ``num`` noisy copies of each input of ``xs``:
+        an int64 array (B, num_classes). One host synchronization for the whole call."""
+        num = check_count("num", num)
+        batch_size = check_count("batch_size", batch_size)
+        xs = self._check_inputs(xs)
+        return self._sample_counts(
+            xs, num, batch_size, self._generators_for(xs, generators), self._noises_for(xs, noises), progress
+        )
+
+    def _sample_counts(
+        self,
+        xs: torch.Tensor,
+        num: int,
+        batch_size: int,
+        generators: List[Optional[torch.Generator]],
+        noises: List[Noise],
+        progress: Optional[ProgressCallback],
+    ) -> np.ndarray:
+        """``sample_counts`` on validated inputs already on the device."""
+        buffer = self._noise_buffer(batch_size, xs.shape[1:])
+        counts = torch.zeros(len(xs), self.num_classes, dtype=torch.long, device=self.device)
+        ones = torch.ones(batch_size, dtype=torch.long, device=self.device)
+        with torch.inference_mode(), self._autocast():
+            for batch in _pack(len(xs), num, batch_size):
+                offset = 0
+                for i, size in batch:
+                    noises[i].perturb_(buffer[offset:offset + size], xs[i], generators[i])
+                    offset += size
+                predictions = self._classify(buffer[:offset])
+                offset = 0
+                for i, size in batch:
+                    counts[i].scatter_add_(0, predictions[offset:offset + size], ones[:size])
+                    offset += size
+                if progress is not None:
+                    progress(offset)
+        return counts.cpu().numpy()
+
+    def _classify(self, batch: torch.Tensor) -> torch.Tensor:
+        scores = self.model(batch)
+        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
+            raise ArgumentError(
+                f"the model returned scores of shape {tuple(scores.shape)} for a batch of "
+                f"{len(batch)}, but num_classes={self.num_classes}; pass the number of classes "
+                "the model actually outputs"
+            )
+        return scores.argmax(dim=1)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _noise_buffer(self, batch_size: int, shape: torch.Size) -> torch.Tensor:
+        """The reused device buffer that noisy inputs are written into."""
+        wanted = (batch_size, *shape)
+        if self._buffer is None or tuple(self._buffer.shape) != wanted:
+            self._buffer = None  # free the old buffer before allocating the new one
+            memory_format = (
+                torch.channels_last if self.channels_last and len(wanted) == 4 else torch.contiguous_format
+            )
+            self._buffer = torch.empty(wanted, device=self.device, dtype=self.dtype,
+                                       memory_format=memory_format)
+        return self._buffer
+
+    @staticmethod
+    def _one_input(x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentError(f"the input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 4:
+            raise ArgumentError(
+                f"certify and predict take one input (e.g. C×H×W); got shape {tuple(x.shape)}, "
+                "which looks like a batch: use certify_batch, or pass x[0]"
+            )
+        return x.unsqueeze(0)
+
+    def _check_inputs(self, xs: torch.Tensor) -> torch.Tensor:
+        if not isinstance(xs, torch.Tensor):
+            raise ArgumentError(f"inputs must be a torch.Tensor, got {type(xs).__name__}")
+        if xs.dim() < 2 or len(xs) == 0:
+            raise ArgumentError(
+                f"inputs must be a non-empty batch of shape (B, *input_shape), got {tuple(xs.shape)}"
+            )
+        if not torch.isfinite(xs).all():
+            raise ArgumentError("inputs contain NaN or infinite values")
+        low, high = float(xs.min()), float(xs.max())
+        if low < 0.0 or high > 1.0:
+            warnings.warn(
+                f"inputs range over [{low:.4g}, {high:.4g}], outside [0, 1]: ancer models expect "
+                "pixels in [0, 1] with normalization inside the model; the certificate is valid "
+                "for the space you pass, but check that this is the model's input space",
+                InputRangeWarning, stacklevel=3,
+            )
+        return xs.to(device=self.device, dtype=self.dtype)
+
+    def _noises_for(self, xs: torch.Tensor, noises: Optional[Sequence[Noise]]) -> List[Noise]:
+        if noises is None:
+            noises = [self.noise] * len(xs)
+        if len(noises) != len(xs):
+            raise ArgumentError(f"got {len(noises)} noises for {len(xs)} inputs; give one per input")
+        resolved = [self.noise if noise is None else noise for noise in noises]
+        for noise in set(resolved):
+            if not isinstance(noise, Noise):
+                raise ArgumentError(f"noises must be ancer.noise.Noise objects, got {noise!r}")
+            noise.check_input_shape(xs.shape[1:])
+        return resolved
+
+    def _generators_for(
+        self, xs: torch.Tensor, generators: Optional[Sequence[Optional[torch.Generator]]]
+    ) -> List[Optional[torch.Generator]]:
+        if generators is None:
+            return [None] * len(xs)
+        if len(generators) != len(xs):
+            raise ArgumentError(f"got {len(generators)} generators for {len(xs)} inputs; give one per input")
+        for generator in generators:
+            if generator is not None and generator.device.type != self.device.type:
+                raise ArgumentError(
+                    f"a generator on {generator.device} cannot draw noise on {self.device}; "
+                    "create it with torch.Generator(device=...) on the model's device"
+                )
+        return list(generators)

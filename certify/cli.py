@@ -1,0 +1,237 @@
+"""The ``certify`` command.
+
+``certify [options]`` certifies a model over a dataset (the run itself is in
+``certify/jobs.py``); ``certify report ...`` and ``certify merge ...`` are subcommands.
+argparse cannot give a command both options of its own and optional subcommands cleanly,
+so :func:`main` dispatches on the first argument: a subcommand's name selects that
+subcommand's parser, anything else is parsed as a certification run.
+
+Every bad argument ends in one line on stderr, ``certify: error: <problem and fix>``, and
+exit status 2 (usage) or 1 (any other ancer error); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, NoReturn, Sequence
+
+from ancer.errors import AncerError, ArgumentError
+from certify import merge, report, results
+
+PROG = "certify"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ArgumentError, so main prints them in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{message} (see '{self.prog} --help')")
+
+
+def _number(kind: Callable[[str], float], test: Callable[[float], bool],
+            requirement: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` that must pass ``test``, else an error naming
+    ``requirement``."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {requirement}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; give {requirement}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+_probability = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_int = _number(int, lambda v: True, "an integer")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``i/k`` with 0 <= i < k: this job's shard of the inputs (job arrays, no torchrun)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if match is None or not 0 <= int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"{text!r}: give i/k with 0 <= i < k, e.g. 0/4 for the "
+                                         "first of four shards")
+    return int(match[1]), int(match[2])
+
+
+def _device(text: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give cpu, cuda or cuda:N")
+    return text
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """The parser of ``certify [options]``: a certification run."""
+    parser = _Parser(
+        prog=PROG,
+        description="Certify a classifier's robustness by randomized smoothing over a test "
+                    "set, one TSV row per input (Cohen et al. 2019; Yang et al. 2020; ANCER, "
+                    "Alfarra et al. 2022). Rerunning the same command resumes the run.",
+        epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
+               "'certify merge --out RESULTS.tsv' (join shard files). "
+               "Example: certify --model ckpt.pt --sigma 0.25 --out results.tsv",
+    )
+    what = parser.add_argument_group("what to certify")
+    what.add_argument("--model", metavar="CKPT",
+                      help="base classifier checkpoint (.pt/.pth.tar; Cohen et al.'s format is read)")
+    what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
+                      help="dataset kind (default: the one the checkpoint names)")
+    what.add_argument("--data", metavar="DIR", help="where the dataset lies on disk")
+    what.add_argument("--skip", type=_positive_int, default=1, metavar="K",
+                      help="certify every K-th input (Cohen et al. use 20 on CIFAR-10; default 1)")
+    what.add_argument("--max", type=_positive_int, metavar="N",
+                      help="certify at most N inputs (default: all)")
+    what.add_argument("--demo", action="store_true",
+                      help="certify the small model and images shipped in the package, then report")
+
+    noise = parser.add_argument_group("smoothing")
+    noise.add_argument("--sigma", type=_positive_float, metavar="S",
+                       help="noise standard deviation (uniform noise: half-width sqrt(3)*S); "
+                            "required unless --demo")
+    noise.add_argument("--norm", choices=("l2", "l1"), default="l2",
+                       help="threat model: l2 (Gaussian noise) or l1 (uniform noise); default l2")
+    noise.add_argument("--method", choices=("isotropic", "dds", "ancer"), default="isotropic",
+                       help="fixed isotropic noise, data-dependent isotropic sigma (dds), or "
+                            "per-input anisotropic scales (ancer); default isotropic")
+    noise.add_argument("--n0", type=_positive_int, default=100,
+                       help="noise samples to select the class (default 100)")
+    noise.add_argument("--n", type=_positive_int, default=100_000,
+                       help="noise samples to bound its probability (default 100000)")
+    noise.add_argument("--alpha", type=_probability, default=0.001,
+                       help="failure probability of each certificate (default 0.001)")
+
+    optimizer = parser.add_argument_group("scale optimizer (--method dds or ancer)")
+    optimizer.add_argument("--opt-iterations", type=_positive_int, metavar="T",
+                           help="optimizer steps per input (default: the method's, 100 for ancer)")
+    optimizer.add_argument("--opt-lr", type=_positive_float, metavar="LR",
+                           help="optimizer learning rate (default: the method's, 0.04 for ancer)")
+    optimizer.add_argument("--opt-samples", type=_positive_int, metavar="M",
+                           help="noise samples per optimizer step (default: the method's, "
+                                "100 for ancer)")
+    optimizer.add_argument("--kappa", type=_positive_float, metavar="K",
+                           help="ancer: weight of the proxy-radius term (default 2)")
+
+    compute = parser.add_argument_group("computation")
+    compute.add_argument("--batch", type=_positive_int, default=1000,
+                         help="forward batch size, noise samples per model call (default 1000)")
+    compute.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                         help="evaluate the model in this precision; the certificate is about "
+                              "the model as evaluated (default fp32)")
+    compute.add_argument("--device", type=_device,
+                         help="cpu, cuda or cuda:N (default: cuda if available)")
+    compute.add_argument("--seed", type=_int, default=0,
+                         help="random seed; each input's noise derives from (seed, idx) (default 0)")
+    compute.add_argument("--shard", type=_shard, metavar="I/K",
+                         help="certify only shard I of K (0-based), written to "
+                              "<out>.shardIofK.tsv; merge with 'certify merge'")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="results.tsv", metavar="TSV",
+                        help="results file, resumed if it exists (default results.tsv); "
+                             "settings go to its .json sidecar")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    """The parser of ``certify report``."""
+    parser = _Parser(
+        prog=f"{PROG} report",
+        description="Certified accuracy against radius (Cohen et al. 2019), clean accuracy, "
+                    "abstain rate, average certified radius and mean log-volume of one or "
+                    "more results files, side by side. Reads Cohen et al.'s files too.",
+    )
+    parser.add_argument("results", nargs="+", metavar="RESULTS.tsv", help="results files")
+    parser.add_argument("--radii", default=report.DEFAULT_RADII, metavar="SPEC",
+                        help="radii as start:stop:step (stop included) or a list like "
+                             f"0,0.5,1 (default {report.DEFAULT_RADII})")
+    parser.add_argument("--format", choices=("md", "csv"), default="md",
+                        help="Markdown table or CSV on stdout (default md)")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="also save the curves as an image (needs matplotlib)")
+    return parser
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    """The parser of ``certify merge``."""
+    parser = _Parser(
+        prog=f"{PROG} merge",
+        description="Merge results files (shards of one run) into one file ordered by idx, "
+                    "each input once. Without files, merges <out>.shard<i>of<k>.tsv.",
+    )
+    parser.add_argument("files", nargs="*", metavar="SHARD.tsv",
+                        help="files to merge (default: the shards of --out)")
+    parser.add_argument("--out", required=True, metavar="TSV", help="merged results file")
+    return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    radii = report.parse_radii(args.radii)
+    tables = [results.read_results(path) for path in args.results]
+    names = report.run_names(args.results)
+    _warn_dropped((t.path, t.partial_line) for t in tables if t.partial_line is not None)
+    summaries = [report.summarize(t, radii, name) for t, name in zip(tables, names)]
+    if args.plot:
+        report.plot_curves(list(zip(names, tables)), args.plot, max(radii))
+    sys.stdout.write(report.format_report(summaries, radii, args.format))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    files = args.files or merge.find_shards(args.out)
+    result = merge.merge_results(files, args.out)
+    _warn_dropped(result.dropped)
+    print(f"merged {result.rows} rows from {len(result.inputs)} files into {result.out}"
+          + (f" ({result.collapsed} duplicate rows collapsed)" if result.collapsed else ""))
+    return 0
+
+
+def _warn_dropped(dropped: Iterable[tuple[Path, str]]) -> None:
+    for path, line in dropped:
+        print(f"{PROG}: warning: {path}: dropped a partial last line (a write cut short): "
+              f"{line[:60]!r}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.demo and (args.model is None or args.sigma is None):
+        raise ArgumentError("give --model CKPT and --sigma S (or --demo to try the shipped "
+                            "example) (see 'certify --help')")
+    # The certification run: certify/jobs.py (issue 5, second step).
+    raise NotImplementedError("the certification run (certify/jobs.py) is not written yet")
+
+
+SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser],
+                             Callable[[argparse.Namespace], int]]] = {
+    "report": (report_parser, _report),
+    "merge": (merge_parser, _merge),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``certify`` command line; return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        make_parser, command = SUBCOMMANDS[argv.pop(0)]
+    else:
+        make_parser, command = run_parser, _run
+    try:
+        return command(make_parser().parse_args(argv))
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except ArgumentError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (AncerError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR

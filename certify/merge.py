@@ -1,0 +1,128 @@
+"""Merging results files (the shards of one run) into one file ordered by idx.
+
+Each idx appears once in the merged file. Rows of one idx found in several files must
+agree on every column except ``time`` (a measurement, not a result): such duplicates
+collapse to the first; any other difference is an error. The files' headers and sidecar
+settings must agree. The merged file and its sidecar are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ancer.errors import ArgumentError, ResultsError
+from certify.results import (ResultsTable, Sidecar, base_name, read_results, read_sidecar,
+                             settings_differences, shard_path, write_atomically, write_sidecar)
+
+
+def find_shards(out: str | os.PathLike) -> list[Path]:
+    """The shard files of ``out`` (``<base>.shard<i>of<k>.tsv`` beside it), i = 0..k-1;
+    ResultsError if there are none, some are missing, or two shard counts are mixed."""
+    base = base_name(out)
+    pattern = re.compile(re.escape(base.name) + r"\.shard(\d+)of(\d+)\.tsv")
+    found: dict[int, set[int]] = {}
+    for candidate in base.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match:
+            found.setdefault(int(match[2]), set()).add(int(match[1]))
+    if not found:
+        raise ResultsError(f"no shard files {base.name}.shard<i>of<k>.tsv found beside {out}: "
+                           "check --out, or list the files to merge")
+    if len(found) > 1:
+        raise ResultsError(f"shards of {out} were made with different shard counts "
+                           f"({', '.join(str(k) for k in sorted(found))}): list the files to merge")
+    (count, indices), = found.items()
+    missing = [i for i in range(count) if i not in indices]
+    if missing:
+        i = missing[0]
+        raise ResultsError(f"shard {i} of {count} is missing ({shard_path(out, i, count)}): "
+                           f"finish it (rerun with --shard {i}/{count}) or list the files to merge")
+    return [shard_path(out, i, count) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge did: rows written, identical duplicates collapsed, and the partial
+    last lines (a write cut by a kill) dropped from the inputs, as (file, text)."""
+
+    out: Path
+    inputs: tuple[Path, ...]
+    rows: int
+    collapsed: int
+    dropped: tuple[tuple[Path, str], ...]
+
+
+def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> MergeResult:
+    """Merge ``inputs`` into ``out``, ordered by idx, each idx once (see the module doc).
+
+    ``out`` may be one of the inputs (merging into it); if it exists and is not, the merge
+    is refused rather than overwrite it.
+    """
+    inputs = tuple(Path(p) for p in inputs)
+    out = Path(out)
+    if not inputs:
+        raise ArgumentError("nothing to merge: list the files, or give --out to find its shards")
+    if out.exists() and not any(out.resolve() == p.resolve() for p in inputs):
+        raise ResultsError(f"{out} already exists: delete it, choose another --out, "
+                           "or list it among the files to merge into it")
+    tables = [read_results(p) for p in inputs]
+    for table in tables[1:]:
+        if table.header != tables[0].header:
+            raise ResultsError(f"{table.path} and {tables[0].path} have different columns: "
+                               "merge only files of one run")
+    sidecar = _merged_sidecar(inputs)
+    kept: dict[int, tuple[ResultsTable, int]] = {}
+    collapsed = 0
+    for table in tables:
+        for row, idx in enumerate(int(i) for i in table.columns["idx"]):
+            if idx in kept:
+                _check_duplicate(idx, kept[idx], (table, row))
+                collapsed += 1
+            else:
+                kept[idx] = (table, row)
+    lines = [table.lines[row] for table, row in (kept[idx] for idx in sorted(kept))]
+    if sidecar is not None:
+        write_sidecar(out, sidecar)
+    write_atomically(out, "".join(line + "\n" for line in ["\t".join(tables[0].header), *lines]))
+    dropped = tuple((t.path, t.partial_line) for t in tables if t.partial_line is not None)
+    return MergeResult(out, inputs, len(lines), collapsed, dropped)
+
+
+def _merged_sidecar(inputs: Sequence[Path]) -> Sidecar | None:
+    """The sidecar of the merge: the inputs' common settings, each input's info kept.
+    None when no input has one (Cohen et al.'s files); an error when only some have."""
+    sidecars = [read_sidecar(p) for p in inputs]
+    if all(s is None for s in sidecars):
+        return None
+    for path, sidecar in zip(inputs, sidecars):
+        if sidecar is None:
+            raise ResultsError(f"{path} has no settings sidecar but other files do: "
+                               "merge only shards of one run")
+    for path, sidecar in zip(inputs[1:], sidecars[1:]):
+        differences = settings_differences(sidecars[0].settings, sidecar.settings)
+        if differences:
+            listed = "; ".join(f"{name}: {a!r} vs {b!r}" for name, a, b in differences)
+            raise ResultsError(f"{inputs[0]} and {path} were made with different settings "
+                               f"({listed}): merge only shards of one run")
+    return Sidecar(sidecars[0].settings, {"merged_from": [str(p) for p in inputs],
+                                          "shards": [s.info for s in sidecars]})
+
+
+def _check_duplicate(idx: int, first: tuple[ResultsTable, int],
+                     second: tuple[ResultsTable, int]) -> None:
+    """Raise ResultsError unless two rows of ``idx`` agree on every column but time."""
+    (table_a, row_a), (table_b, row_b) = first, second
+    fields_a = table_a.lines[row_a].split("\t")
+    fields_b = table_b.lines[row_b].split("\t")
+    differing = [f"{name} {a!r} vs {b!r}"
+                 for name, a, b in zip(table_a.header, fields_a, fields_b)
+                 if name != "time" and a != b]
+    if differing:
+        raise ResultsError(
+            f"idx {idx} differs between {table_a.path} (line {table_a.line_numbers[row_a]}) and "
+            f"{table_b.path} (line {table_b.line_numbers[row_b]}): {', '.join(differing)}; "
+            "these rows come from different runs: merge only shards of one run")

@@ -1,0 +1,383 @@
+"""The results file: one TSV row per certified input, and its JSON settings sidecar.
+
+This module is the one place that defines the schema and reads or writes it.
+
+Columns, in order (DESIGN.md §4). The first six are Cohen et al.'s (2019,
+locuslab/smoothing `code/certify.py`), so their analysis scripts read our files:
+
+    idx label predict radius correct time
+
+- ``predict`` is the smoothed classifier's class, -1 when it abstains (``radius`` is then 0.0);
+  ``correct`` is 1 iff ``predict == label``; ``time`` is seconds, as a float.
+
+Then ours:
+
+    norm method sigma half_width p_lower proxy_radius volume_radius log_volume
+    n0 n alpha count_a counts_top2 precision
+
+- ``norm``: ``l2`` or ``l1``; ``method``: ``isotropic``, ``dds`` or ``ancer``.
+- ``sigma``: the noise's standard deviation (the isotropic or starting scale);
+  ``half_width``: λ of uniform noise (λ = √3·σ), ``nan`` for Gaussian noise.
+- ``p_lower``: the Clopper-Pearson lower bound p_A.
+- ``radius``, ``proxy_radius`` (largest l_p ball inside the region), ``volume_radius``
+  ((Π a_i)^(1/d)), ``log_volume``: the certified region; ``-inf`` log-volume on abstain.
+- ``n0``, ``n``, ``alpha``: the sample sizes and the failure probability.
+- ``count_a``: votes for the predicted class among the n samples (with ``n`` this lets a
+  radius be recomputed for another alpha without sampling again);
+  ``counts_top2``: the two classes with most votes among the n samples, as ``c:k,c:k``.
+- ``precision``: the precision the base classifier was evaluated in (``fp32``, ``bf16``...).
+
+Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
+written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
+killed at any moment (kill -9) leaves at most a partial last line, which the reader drops
+and reports and the writer truncates before appending.
+
+Reading also accepts Cohen et al.'s own files as they are: only the six first columns,
+radii rounded to 3 significant digits, time in seconds or as ``H:MM:SS.ffffff``.
+
+The sidecar ``<base>.json`` (``results.tsv`` -> ``results.json``) holds ``settings``, the
+run's settings that determine its rows (compared on resume and merge), and ``info``,
+recorded but not compared (versions, command line, host, start time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ancer.errors import ArgumentError, ResultsError
+
+COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+COLUMNS = COHEN_COLUMNS + (
+    "norm", "method", "sigma", "half_width", "p_lower", "proxy_radius", "volume_radius",
+    "log_volume", "n0", "n", "alpha", "count_a", "counts_top2", "precision",
+)
+ANISOTROPIC_METHODS = frozenset({"ancer"})
+ABSTAIN = -1
+SIDECAR_FORMAT = "ancer-results/1"
+
+_TIME = re.compile(r"(?:(\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d*)?)")
+
+
+def parse_time(text: str) -> float:
+    """Seconds from a ``time`` field: seconds (``1.0936``) or ``[D day(s), ]H:MM:SS[.ffffff]``.
+
+    Cohen et al. write ``str(datetime.timedelta)`` in their ImageNet files.
+    """
+    match = _TIME.fullmatch(text)
+    if match is None:
+        return float(text)
+    days, hours, minutes, seconds = match.groups()
+    return ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "idx": int, "label": int, "predict": int, "radius": float, "correct": int,
+    "time": parse_time, "sigma": float, "half_width": float, "p_lower": float,
+    "proxy_radius": float, "volume_radius": float, "log_volume": float, "n0": int, "n": int,
+    "alpha": float, "count_a": int,
+}
+_DTYPES = {int: np.int64, float: np.float64, parse_time: np.float64}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One certified input, as written to the TSV (see the module docstring for each field).
+
+    ``correct`` is derived: 1 iff ``predict == label``.
+    """
+
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    time: float
+    norm: str
+    method: str
+    sigma: float
+    half_width: float
+    p_lower: float
+    proxy_radius: float
+    volume_radius: float
+    log_volume: float
+    n0: int
+    n: int
+    alpha: float
+    count_a: int
+    counts_top2: tuple[tuple[int, int], ...]
+    precision: str
+
+    def __post_init__(self) -> None:
+        if not self.radius >= 0.0:
+            raise ArgumentError(f"row {self.idx}: radius must be >= 0, got {self.radius!r}")
+        if self.predict == ABSTAIN and self.radius != 0.0:
+            raise ArgumentError(f"row {self.idx}: an abstention has radius 0.0, got {self.radius!r}")
+        for name in ("norm", "method", "precision"):
+            if re.search(r"[\t\r\n]", getattr(self, name)):
+                raise ArgumentError(f"row {self.idx}: {name} must not hold tabs or newlines")
+
+    @property
+    def correct(self) -> int:
+        return int(self.predict == self.label)
+
+    def to_line(self) -> str:
+        """The row as one TSV line, newline included; floats at full precision (repr)."""
+        fields = []
+        for name in COLUMNS:
+            value = getattr(self, name)
+            if name == "counts_top2":
+                fields.append(",".join(f"{int(c)}:{int(k)}" for c, k in value))
+            elif isinstance(value, str):
+                fields.append(value)
+            elif _PARSERS[name] is int:
+                fields.append(str(int(value)))
+            else:
+                fields.append(repr(float(value)))
+        return "\t".join(fields) + "\n"
+
+
+@dataclass(frozen=True, eq=False)
+class ResultsTable:
+    """A results file as read: header, typed columns, and each row's text as written.
+
+    ``columns`` maps every header name to an array (int64, float64, or object for text);
+    ``lines`` keeps each row's raw text (no newline) in file order, ``line_numbers`` its
+    1-based line number; ``partial_line`` is the dropped newline-less last line, if any.
+    """
+
+    path: Path
+    header: tuple[str, ...]
+    columns: dict[str, np.ndarray]
+    lines: tuple[str, ...]
+    line_numbers: tuple[int, ...]
+    partial_line: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    @property
+    def anisotropic(self) -> bool:
+        """Whether any row was certified with per-dimension (anisotropic) scales."""
+        methods = self.columns.get("method")
+        return methods is not None and any(m in ANISOTROPIC_METHODS for m in methods)
+
+
+def read_results(path: str | os.PathLike) -> ResultsTable:
+    """Read a results TSV (ours or Cohen et al.'s), validating every row.
+
+    A newline-less last line (a write cut by a kill) is dropped and reported in
+    ``partial_line``; any other malformed line raises ResultsError naming file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such results file; check the path") from None
+    except IsADirectoryError:
+        raise ResultsError(f"{path} is a directory; give a results .tsv file") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a text TSV file; give a results .tsv file") from None
+    lines = text.split("\n")
+    partial = lines.pop() or None  # text after the last newline
+    if not lines:
+        raise ResultsError(f"{path} has no complete header line: not a results file "
+                           "(if a run was killed while starting, delete it and rerun)")
+    header = tuple(lines[0].rstrip("\r").split("\t"))
+    if header[:len(COHEN_COLUMNS)] != COHEN_COLUMNS:
+        raise ResultsError(f"{path} is not a results file: its header starts "
+                           f"{' '.join(header[:6])!r}, expected {' '.join(COHEN_COLUMNS)!r}")
+    parsers = [_PARSERS.get(name, str) for name in header]
+    values: list[list[Any]] = [[] for _ in header]
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != len(header):
+            raise ResultsError(f"{path}, line {number}: {len(fields)} fields, the header has "
+                               f"{len(header)}; the file is corrupt: repair or delete that line")
+        for column, parse, name, field_text in zip(values, parsers, header, fields):
+            try:
+                column.append(parse(field_text))
+            except ValueError:
+                raise ResultsError(f"{path}, line {number}: column {name} holds {field_text!r}, "
+                                   "not a number; repair or delete that line") from None
+        _check_row(path, number, dict(zip(header, (column[-1] for column in values))))
+    columns = {name: np.array(column, dtype=_DTYPES.get(parse, object))
+               for name, parse, column in zip(header, parsers, values)}
+    return ResultsTable(path, header, columns, tuple(l.rstrip("\r") for l in lines[1:]),
+                        tuple(range(2, len(lines) + 1)), partial)
+
+
+def _check_row(path: Path, number: int, row: Mapping[str, Any]) -> None:
+    """Reject rows whose Cohen columns contradict each other (a sign of shifted columns)."""
+    if row["correct"] != int(row["predict"] == row["label"]):
+        raise ResultsError(f"{path}, line {number}: correct={row['correct']} but predict="
+                           f"{row['predict']} and label={row['label']}; repair or delete that line")
+    if not row["radius"] >= 0.0 or (row["predict"] == ABSTAIN and row["radius"] != 0.0):
+        raise ResultsError(f"{path}, line {number}: radius {row['radius']!r} is impossible for "
+                           f"predict={row['predict']}; repair or delete that line")
+
+
+def done_indices(path: str | os.PathLike) -> set[int]:
+    """The input indices already written to ``path`` (empty if the file does not exist)."""
+    if not Path(path).exists():
+        return set()
+    return {int(i) for i in read_results(path).columns["idx"]}
+
+
+def base_name(path: str | os.PathLike) -> Path:
+    """``path`` without a trailing ``.tsv`` (Cohen et al.'s files have no extension)."""
+    path = Path(path)
+    return path.with_name(path.name[:-4]) if path.name.endswith(".tsv") else path
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The settings sidecar of a results file: ``results.tsv`` -> ``results.json``."""
+    base = base_name(path)
+    return base.with_name(base.name + ".json")
+
+
+def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
+    """The file of shard ``index`` (0-based) of ``count``: ``results.shard0of4.tsv``."""
+    if not 0 <= index < count:
+        raise ArgumentError(f"shard {index}/{count}: need 0 <= i < k, e.g. 0/{max(count, 1)}")
+    base = base_name(path)
+    return base.with_name(f"{base.name}.shard{index}of{count}.tsv")
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """A results file's settings (compared on resume and merge) and info (not compared)."""
+
+    settings: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def write_sidecar(path: str | os.PathLike, sidecar: Sidecar) -> None:
+    """Write the sidecar of results file ``path`` atomically (temp file + os.replace)."""
+    document = {"format": SIDECAR_FORMAT, "settings": sidecar.settings, "info": sidecar.info}
+    write_atomically(sidecar_path(path), json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def read_sidecar(path: str | os.PathLike) -> Sidecar | None:
+    """The sidecar of results file ``path``, or None if it has none (e.g. Cohen et al.'s)."""
+    where = sidecar_path(path)
+    try:
+        document = json.loads(where.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{where} is not valid JSON ({exc}); restore it or use a new --out") from None
+    if not isinstance(document, dict) or document.get("format") != SIDECAR_FORMAT:
+        raise ResultsError(f"{where} is not an ancer results sidecar "
+                           f"(no format {SIDECAR_FORMAT!r}); restore it or use a new --out")
+    return Sidecar(document.get("settings", {}), document.get("info", {}))
+
+
+def settings_differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The settings that differ, as (name, first value, second value); None when absent.
+
+    Values are compared as JSON stores them (a tuple equals the list it is written as).
+    """
+    first, second = (json.loads(json.dumps(dict(s), sort_keys=True)) for s in (first, second))
+    return [(name, first.get(name), second.get(name))
+            for name in sorted(first.keys() | second.keys())
+            if first.get(name) != second.get(name)]
+
+
+def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[str, Any],
+                     path: str | os.PathLike | None = None) -> None:
+    """Raise ResultsError unless a run with ``settings_now`` may append to a file written
+    with ``settings_on_disk`` (all settings equal); the message names each difference."""
+    differences = settings_differences(settings_on_disk, settings_now)
+    if differences:
+        where = f"{path} was" if path is not None else "the results file was"
+        listed = "; ".join(f"{name}: {disk!r} on disk, {now!r} now" for name, disk, now in differences)
+        raise ResultsError(f"{where} written with other settings ({listed}): pass a new --out "
+                           "to start another run, or the same flags to resume this one")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temp file in the same folder + os.replace,
+    so readers see either the old file or the whole new one."""
+    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class ResultsWriter:
+    """Appends rows to a results file, one ``write`` call per row, flushed and fsynced.
+
+    Make one with :func:`open_results`. ``done`` holds the indices already in the file;
+    ``dropped_line`` the partial last line truncated on opening, if any.
+    """
+
+    def __init__(self, path: Path, done: set[int], dropped_line: str | None) -> None:
+        self.path = path
+        self.done = done
+        self.dropped_line = dropped_line
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def write(self, row: Row) -> None:
+        """Append ``row`` durably: a kill after this returns cannot lose it."""
+        if self._fd is None:
+            raise ResultsError(f"{self.path}: writer is closed")
+        data = row.to_line().encode("utf-8")
+        written = os.write(self._fd, data)
+        while written < len(data):  # a short write happens only on a full disk or a signal
+            written += os.write(self._fd, data[written:])
+        os.fsync(self._fd)
+        self.done.add(row.idx)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
+                 info: Mapping[str, Any] | None = None) -> ResultsWriter:
+    """Open ``path`` to write a run's rows, starting it or resuming it.
+
+    A new file (or one killed before its header was complete) gets the sidecar and the
+    header. An existing one must have a sidecar whose settings equal ``settings``
+    (else ResultsError naming the differences) and our columns; a partial last line left
+    by a kill is truncated, and the writer's ``done`` holds the indices to skip.
+    """
+    path = Path(path)
+    has_header = path.exists() and b"\n" in path.read_bytes()
+    if not has_header:
+        write_sidecar(path, Sidecar(dict(settings), dict(info or {})))
+        write_atomically(path, "\t".join(COLUMNS) + "\n")
+        return ResultsWriter(path, set(), None)
+    sidecar = read_sidecar(path)
+    if sidecar is None:
+        raise ResultsError(f"{path} exists but has no settings file {sidecar_path(path).name} "
+                           "(not written by certify, or its sidecar was deleted): pass a new --out")
+    check_compatible(sidecar.settings, settings, path)
+    table = read_results(path)
+    if table.header != COLUMNS:
+        raise ResultsError(f"{path} has other columns than this version of certify writes: "
+                           "pass a new --out")
+    if table.partial_line is not None:
+        os.truncate(path, path.stat().st_size - len(table.partial_line.encode("utf-8")))
+    return ResultsWriter(path, {int(i) for i in table.columns["idx"]}, table.partial_line)
+

@@ -89,7 +89,7 @@ class ArrayDataset(ImageDataset):
 
     def _load(self, j: int) -> Tuple[torch.Tensor, int]:
         x = self.images[j]
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         return x, int(self.labels[j])
 
 
@@ -209,7 +209,7 @@ def _read_cifar_pickle(path: Path) -> Tuple[np.ndarray, np.ndarray]:
             batch = _BatchUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (pickle.UnpicklingError, EOFError, LookupError, TypeError, ValueError, AttributeError) as exc:
         raise DatasetError(
             f"{str(path)!r} is not an official CIFAR-10 pickle batch (a dict with b'data' "
             f"uint8 N×3072 and b'labels'): {type(exc).__name__}: {exc}"

@@ -49,7 +49,7 @@ def check_file(path: PathLike) -> Path:
     return path
 
 
-def read_checkpoint(path: PathLike, trust: bool, map_location: Any) -> Any:
+def read_checkpoint(path: PathLike, trust: bool, map_location: torch.device) -> Any:
     """Load the object stored in ``path``: a ScriptModule for a TorchScript archive, else
     what ``torch.load`` returns (with ``weights_only=not trust``).
 
@@ -70,16 +70,18 @@ def read_checkpoint(path: PathLike, trust: bool, map_location: Any) -> Any:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if "Weights only load failed" in str(exc):
-            what = f"the Python object {found.group(1)}" if found else "Python objects"
+        if found:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} holds {what}, not only tensors, so it was not "
-                "unpickled: loading it could run code from the file. If you trust its "
-                "source, pass trust=True"
+                f"checkpoint {str(path)!r} holds the Python object {found.group(1)}, not "
+                "only tensors, so it was not unpickled: loading it could run code from the "
+                "file. If you trust its source, pass trust=True"
             ) from None
+        reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+        reason = reason.group(1).strip() if reason else str(exc).split("\n")[0]
         raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be unpickled ({exc}); the file is "
+            f"checkpoint {str(path)!r} could not be unpickled ({reason}): the file is "
             "truncated, corrupt, or not a PyTorch checkpoint"
+            + ("" if trust else "; or, if it holds Python objects from a trusted source, pass trust=True")
         ) from None
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise CheckpointError(
@@ -88,7 +90,7 @@ def read_checkpoint(path: PathLike, trust: bool, map_location: Any) -> Any:
             "state_dict() and load it with arch=..."
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        reason = str(exc).split(".")[0] or type(exc).__name__
+        reason = f"{type(exc).__name__}: {str(exc).split('. ')[0]}"
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read ({reason}); the file is "
             "truncated, corrupt, or not a PyTorch checkpoint"

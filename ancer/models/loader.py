@@ -6,8 +6,7 @@ rebuilds ``Sequential(NormalizeLayer, net)`` as Cohen et al. 2019 do (locuslab/s
 ``code/architectures.py``) and loads the weights strictly.
 """
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -154,7 +153,7 @@ def load_model(
     arch: Optional[str] = None,
     dataset: Optional[str] = None,
     trust: bool = False,
-    map_location: Any = "cpu",
+    map_location: Union[str, torch.device] = "cpu",
     normalize: Optional[bool] = None,
 ) -> LoadedModel:
     """Load a base classifier from a checkpoint in any known format.
@@ -173,10 +172,11 @@ def load_model(
         Unpickle arbitrary Python objects (whole pickled modules). Only for files from a
         trusted source: unpickling can run code. Otherwise ``weights_only=True``.
     map_location : str or torch.device
-        Where to put the weights, as in ``torch.load``.
+        The device to put the model on.
     normalize : bool, optional
-        Whether to restore the normalization layer in front of a state dict's network.
-        Defaults to True, except for MACER checkpoints (trained on raw inputs).
+        Whether to restore the normalization layer in front of a state dict's network
+        (not used for TorchScript and pickled modules, which hold their own). Defaults to
+        True, except for MACER checkpoints, whose networks were trained on raw inputs.
 
     Returns
     -------
@@ -197,21 +197,30 @@ def load_model(
         check_dataset(dataset)
     if not isinstance(trust, bool):
         raise ArgumentError(f"trust must be True or False, got {trust!r}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(
+            f"map_location must name a device ('cpu', 'cuda:0'...), got {map_location!r}"
+        ) from None
     path = str(path)
-    rec = recognize(read_checkpoint(path, trust, map_location), path)
+    rec = recognize(read_checkpoint(path, trust, device), path)
     digest = sha256_of(path)
 
     if rec.module is not None:
         model = rec.module.eval()
         num_classes, outputs = _probe(model, dataset, path)
-        return LoadedModel(model, arch, dataset, num_classes, outputs, rec.sigma, rec.format, digest, path)
+        return LoadedModel(
+            model, arch, dataset, num_classes, outputs, rec.sigma, rec.format, digest, path
+        )
 
     if rec.arch is not None and rec.arch in ARCHITECTURES:
         if arch is not None and arch != rec.arch:
             raise ArgumentError(f"arch={arch!r} contradicts the file's arch {rec.arch!r}")
         arch = rec.arch
     if arch is None:
-        guesses = _matching_archs(strip_prefixes(rec.state_dict), _num_classes(strip_prefixes(rec.state_dict)))
+        state_dict = strip_prefixes(rec.state_dict)
+        guesses = _matching_archs(state_dict, _num_classes(state_dict))
         named = f" (the file names {rec.arch!r}, which ancer does not know)" if rec.arch else ""
         hint = f"; its keys and shapes fit arch={guesses[0]!r}" if guesses else ""
         raise CheckpointError(
@@ -221,5 +230,7 @@ def load_model(
     if normalize is None:
         normalize = rec.format != "macer"
     model, dataset, num_classes = _build(rec, arch, dataset, normalize, path)
-    model = model.to(map_location).eval()
-    return LoadedModel(model, arch, dataset, num_classes, "logits", rec.sigma, rec.format, digest, path)
+    model = model.to(device).eval()
+    return LoadedModel(
+        model, arch, dataset, num_classes, "logits", rec.sigma, rec.format, digest, path
+    )

@@ -27,8 +27,9 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ArgumentError, so main prints them in one line."""
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ArgumentError, so main prints them in one line.
+    Every subcommand's parser should be one."""
 
     def error(self, message: str) -> NoReturn:
         raise ArgumentError(f"{message} (see '{self.prog} --help')")
@@ -42,7 +43,8 @@ def _number(kind: Callable[[str], float], test: Callable[[float], bool],
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {requirement}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {requirement}") \
+                from None
         if not test(value):
             raise argparse.ArgumentTypeError(f"{text!r} is out of range; give {requirement}")
         return value
@@ -73,18 +75,20 @@ def _device(text: str) -> str:
 
 def run_parser() -> argparse.ArgumentParser:
     """The parser of ``certify [options]``: a certification run."""
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="Certify a classifier's robustness by randomized smoothing over a test "
                     "set, one TSV row per input (Cohen et al. 2019; Yang et al. 2020; ANCER, "
                     "Alfarra et al. 2022). Rerunning the same command resumes the run.",
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
-               "'certify merge --out RESULTS.tsv' (join shard files). "
+               "'certify merge --out RESULTS.tsv' (join shard files), "
+               "'certify train ...' (train a base classifier). "
                "Example: certify --model ckpt.pt --sigma 0.25 --out results.tsv",
     )
     what = parser.add_argument_group("what to certify")
     what.add_argument("--model", metavar="CKPT",
-                      help="base classifier checkpoint (.pt/.pth.tar; Cohen et al.'s format is read)")
+                      help="base classifier checkpoint (.pt, .pth.tar; Cohen et al.'s "
+                           "checkpoints are read as they are)")
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
     what.add_argument("--data", metavar="DIR", help="where the dataset lies on disk")
@@ -131,7 +135,8 @@ def run_parser() -> argparse.ArgumentParser:
     compute.add_argument("--device", type=_device,
                          help="cpu, cuda or cuda:N (default: cuda if available)")
     compute.add_argument("--seed", type=_int, default=0,
-                         help="random seed; each input's noise derives from (seed, idx) (default 0)")
+                         help="random seed; each input's noise derives from (seed, idx), so "
+                              "a row does not depend on shard or resume (default 0)")
     compute.add_argument("--shard", type=_shard, metavar="I/K",
                          help="certify only shard I of K (0-based), written to "
                               "<out>.shardIofK.tsv; merge with 'certify merge'")
@@ -146,7 +151,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 def report_parser() -> argparse.ArgumentParser:
     """The parser of ``certify report``."""
-    parser = _Parser(
+    parser = Parser(
         prog=f"{PROG} report",
         description="Certified accuracy against radius (Cohen et al. 2019), clean accuracy, "
                     "abstain rate, average certified radius and mean log-volume of one or "
@@ -165,7 +170,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 def merge_parser() -> argparse.ArgumentParser:
     """The parser of ``certify merge``."""
-    parser = _Parser(
+    parser = Parser(
         prog=f"{PROG} merge",
         description="Merge results files (shards of one run) into one file ordered by idx, "
                     "each input once. Without files, merges <out>.shard<i>of<k>.tsv.",
@@ -211,10 +216,21 @@ def _run(args: argparse.Namespace) -> int:
     raise NotImplementedError("the certification run (certify/jobs.py) is not written yet")
 
 
+def _train_parser() -> argparse.ArgumentParser:
+    from certify import train_cli  # imported on use: training needs what a report does not
+    return train_cli.parser()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from certify import train_cli
+    return train_cli.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int]]] = {
     "report": (report_parser, _report),
     "merge": (merge_parser, _merge),
+    "train": (_train_parser, _train),
 }
 
 

@@ -123,6 +123,6 @@ def _check_duplicate(idx: int, first: tuple[ResultsTable, int],
                  if name != "time" and a != b]
     if differing:
         raise ResultsError(
-            f"idx {idx} differs between {table_a.path} (line {table_a.line_numbers[row_a]}) and "
-            f"{table_b.path} (line {table_b.line_numbers[row_b]}): {', '.join(differing)}; "
+            f"idx {idx} differs between {table_a.path} (line {row_a + 2}) and "
+            f"{table_b.path} (line {row_b + 2}): {', '.join(differing)}; "
             "these rows come from different runs: merge only shards of one run")

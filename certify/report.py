@@ -38,23 +38,27 @@ def parse_radii(spec: str) -> list[float]:
     """The radii of a spec: ``start:stop:step`` (stop included when a step lands on it)
     or a comma-separated list; sorted, each >= 0."""
     try:
-        if ":" in spec:
-            start, stop, step = (float(part) for part in spec.split(":"))
-            if not step > 0 or not stop >= start:
-                raise ArgumentError(f"--radii {spec!r}: need step > 0 and stop >= start, "
-                                    "e.g. 0:2:0.25")
-            count = math.floor((stop - start) / step + 1e-9) + 1
-            if count > MAX_RADII:
-                raise ArgumentError(f"--radii {spec!r} gives {count} radii, more than "
-                                    f"{MAX_RADII}: use a larger step")
-            # Rounded so that 3 * 0.25-style sums equal the radius a user typed.
-            radii = [round(start + i * step, 12) for i in range(count)]
-        else:
-            radii = sorted({float(part) for part in spec.split(",")})
+        parts = [float(part) for part in spec.split(":" if ":" in spec else ",")]
     except ValueError:
         raise ArgumentError(f"--radii {spec!r}: {_RADII_HELP}") from None
-    if not all(math.isfinite(r) and r >= 0 for r in radii):
-        raise ArgumentError(f"--radii {spec!r}: radii must be finite and >= 0")
+    if not all(math.isfinite(p) for p in parts):
+        raise ArgumentError(f"--radii {spec!r}: radii must be finite numbers")
+    if ":" not in spec:
+        radii = sorted(set(parts))
+    elif len(parts) != 3:
+        raise ArgumentError(f"--radii {spec!r}: {_RADII_HELP}")
+    else:
+        start, stop, step = parts
+        if not step > 0 or not stop >= start:
+            raise ArgumentError(f"--radii {spec!r}: need step > 0 and stop >= start, e.g. 0:2:0.25")
+        count = math.floor((stop - start) / step + 1e-9) + 1
+        if count > MAX_RADII:
+            raise ArgumentError(f"--radii {spec!r} gives {count} radii, more than {MAX_RADII}: "
+                                "use a larger step")
+        # Rounded so that sums of steps equal the radii a user typed (0.1 * 3 is not 0.3).
+        radii = [round(start + i * step, 12) for i in range(count)]
+    if radii[0] < 0:
+        raise ArgumentError(f"--radii {spec!r}: radii must be >= 0")
     return radii
 
 

@@ -118,7 +118,8 @@ class Row:
         if not self.radius >= 0.0:
             raise ArgumentError(f"row {self.idx}: radius must be >= 0, got {self.radius!r}")
         if self.predict == ABSTAIN and self.radius != 0.0:
-            raise ArgumentError(f"row {self.idx}: an abstention has radius 0.0, got {self.radius!r}")
+            raise ArgumentError(f"row {self.idx}: an abstention has radius 0.0, "
+                                f"got {self.radius!r}")
         for name in ("norm", "method", "precision"):
             if re.search(r"[\t\r\n]", getattr(self, name)):
                 raise ArgumentError(f"row {self.idx}: {name} must not hold tabs or newlines")
@@ -148,15 +149,14 @@ class ResultsTable:
     """A results file as read: header, typed columns, and each row's text as written.
 
     ``columns`` maps every header name to an array (int64, float64, or object for text);
-    ``lines`` keeps each row's raw text (no newline) in file order, ``line_numbers`` its
-    1-based line number; ``partial_line`` is the dropped newline-less last line, if any.
+    ``lines`` keeps each row's raw text (no newline) in file order: row i is line i + 2 of
+    the file. ``partial_line`` is the dropped newline-less last line, if any.
     """
 
     path: Path
     header: tuple[str, ...]
     columns: dict[str, np.ndarray]
     lines: tuple[str, ...]
-    line_numbers: tuple[int, ...]
     partial_line: str | None = None
 
     def __len__(self) -> int:
@@ -177,15 +177,17 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ResultsError(f"{path}: no such results file; check the path") from None
     except IsADirectoryError:
         raise ResultsError(f"{path} is a directory; give a results .tsv file") from None
+    cut = data.rfind(b"\n") + 1  # a write cut short may also have split a character
+    partial = data[cut:].decode("utf-8", errors="replace") or None
+    try:
+        lines = data[:cut].decode("utf-8").split("\n")[:-1]
     except UnicodeDecodeError:
         raise ResultsError(f"{path} is not a text TSV file; give a results .tsv file") from None
-    lines = text.split("\n")
-    partial = lines.pop() or None  # text after the last newline
     if not lines:
         raise ResultsError(f"{path} has no complete header line: not a results file "
                            "(if a run was killed while starting, delete it and rerun)")
@@ -209,8 +211,7 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
         _check_row(path, number, dict(zip(header, (column[-1] for column in values))))
     columns = {name: np.array(column, dtype=_DTYPES.get(parse, object))
                for name, parse, column in zip(header, parsers, values)}
-    return ResultsTable(path, header, columns, tuple(l.rstrip("\r") for l in lines[1:]),
-                        tuple(range(2, len(lines) + 1)), partial)
+    return ResultsTable(path, header, columns, tuple(l.rstrip("\r") for l in lines[1:]), partial)
 
 
 def _check_row(path: Path, number: int, row: Mapping[str, Any]) -> None:
@@ -272,14 +273,16 @@ def read_sidecar(path: str | os.PathLike) -> Sidecar | None:
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{where} is not valid JSON ({exc}); restore it or use a new --out") from None
+        raise ResultsError(f"{where} is not valid JSON ({exc}): restore it or use a new --out") \
+            from None
     if not isinstance(document, dict) or document.get("format") != SIDECAR_FORMAT:
         raise ResultsError(f"{where} is not an ancer results sidecar "
                            f"(no format {SIDECAR_FORMAT!r}); restore it or use a new --out")
     return Sidecar(document.get("settings", {}), document.get("info", {}))
 
 
-def settings_differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def settings_differences(first: Mapping[str, Any],
+                         second: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """The settings that differ, as (name, first value, second value); None when absent.
 
     Values are compared as JSON stores them (a tuple equals the list it is written as).
@@ -297,7 +300,8 @@ def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[
     differences = settings_differences(settings_on_disk, settings_now)
     if differences:
         where = f"{path} was" if path is not None else "the results file was"
-        listed = "; ".join(f"{name}: {disk!r} on disk, {now!r} now" for name, disk, now in differences)
+        listed = "; ".join(f"{name}: {disk!r} on disk, {now!r} now"
+                           for name, disk, now in differences)
         raise ResultsError(f"{where} written with other settings ({listed}): pass a new --out "
                            "to start another run, or the same flags to resume this one")
 
@@ -334,6 +338,9 @@ class ResultsWriter:
         """Append ``row`` durably: a kill after this returns cannot lose it."""
         if self._fd is None:
             raise ResultsError(f"{self.path}: writer is closed")
+        if row.idx in self.done:
+            raise ResultsError(f"{self.path} already holds idx {row.idx}: each input is "
+                               "written once; skip the indices in .done")
         data = row.to_line().encode("utf-8")
         written = os.write(self._fd, data)
         while written < len(data):  # a short write happens only on a full disk or a signal
@@ -363,8 +370,9 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
     by a kill is truncated, and the writer's ``done`` holds the indices to skip.
     """
     path = Path(path)
-    has_header = path.exists() and b"\n" in path.read_bytes()
-    if not has_header:
+    size = path.stat().st_size if path.exists() else 0
+    complete = path.read_bytes().rfind(b"\n") + 1 if size else 0  # bytes up to the last newline
+    if not complete:
         write_sidecar(path, Sidecar(dict(settings), dict(info or {})))
         write_atomically(path, "\t".join(COLUMNS) + "\n")
         return ResultsWriter(path, set(), None)
@@ -377,7 +385,7 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
     if table.header != COLUMNS:
         raise ResultsError(f"{path} has other columns than this version of certify writes: "
                            "pass a new --out")
-    if table.partial_line is not None:
-        os.truncate(path, path.stat().st_size - len(table.partial_line.encode("utf-8")))
+    if complete < size:
+        os.truncate(path, complete)
     return ResultsWriter(path, {int(i) for i in table.columns["idx"]}, table.partial_line)
 

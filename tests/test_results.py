@@ -95,6 +95,8 @@ def test_write_then_read_round_trip(tmp_path):
     assert read_sidecar(out) == Sidecar(SETTINGS, {"torch": "2.13"})
     assert json.loads(sidecar_path(out).read_text())["settings"] == SETTINGS
     assert done_indices(out) == {0, 20, 40}
+    with open_results(out, SETTINGS) as writer, pytest.raises(ResultsError, match="idx 20"):
+        writer.write(make_row(20))
 
 
 def test_partial_last_line_is_dropped_and_reported(tmp_path):
@@ -121,7 +123,8 @@ def test_resume_truncates_the_partial_line_and_appends(tmp_path):
     with open_results(out, dict(SETTINGS)) as writer:
         assert writer.done == {0} and writer.dropped_line == cut
         writer.write(make_row(1))
-    assert out.read_text() == "\t".join(COLUMNS) + "\n" + make_row(0).to_line() + make_row(1).to_line()
+    expected = "\t".join(COLUMNS) + "\n" + make_row(0).to_line() + make_row(1).to_line()
+    assert out.read_text() == expected
 
 
 def test_resume_with_other_settings_names_them_and_the_fix(tmp_path):
@@ -184,7 +187,8 @@ def test_read_cohen_imagenet_file_with_clock_times(tmp_path):
     ("a\tb\tc\n", "not a results file"),
     ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.5\t1\n1\t3\t3\t0.5\t1\t2.0\n",
      "line 2: 5 fields"),
-    ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\tzero\t1\t2.0\n", "line 2: column radius"),
+    ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\tzero\t1\t2.0\n",
+     "line 2: column radius"),
     ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.5\t0\t2.0\n", "line 2: correct=0"),
     ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t-1\t0.5\t0\t2.0\n", "line 2: radius 0.5"),
 ])
@@ -231,13 +235,13 @@ def test_kill_9_loses_no_finished_row(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 50):
+        while time.monotonic() < deadline and len(done_indices(out)) < 50:
             time.sleep(0.05)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     table = read_results(out)
-    assert len(table) >= 49
+    assert len(table) >= 50
     assert table.columns["idx"].tolist() == list(range(len(table)))
     assert table.columns["radius"].tolist() == [i / 7 for i in range(len(table))]
     with open_results(out, SETTINGS) as writer:

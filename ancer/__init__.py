@@ -10,5 +10,7 @@ from ancer.noise import Gaussian, Noise, Uniform, noise_for_norm
 from ancer.smoothing import ABSTAIN, Certificate, Smoothed
 from ancer.models import LoadedModel, create_model, load_model
 from ancer.data import load_dataset
+from ancer.optimize import OptimizedScales, certify_with_scales, optimize_anisotropic, optimize_isotropic
+from ancer.memory import Memory, MemoryOutcome, regions_intersect
 
 __version__ = "0.1.0"

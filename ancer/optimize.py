@@ -1,0 +1,433 @@
+"""Per-input smoothing scales: data-dependent isotropic σ (DDRS) and anisotropic θ (ANCER).
+
+Both maximize a differentiable estimate of the certified region's size around one input x,
+from a Monte-Carlo mean of the base classifier's class probabilities under reparameterized
+noise x + scale(θ)⊙ε (ε drawn fresh at every step):
+
+    p̄(θ) = (1/M) Σ_m softmax(f(x + scale(θ)⊙ε_m)),   p1 ≥ p2 the top two entries of p̄,
+    gap(θ) = Φ⁻¹(p1) − Φ⁻¹(p2)  (l2, p clamped to [0.001, 0.999])  or  p1 − p2  (l1).
+
+- **DDRS** (Alfarra, Bibi, Torr & Ghanem, "Data Dependent Randomized Smoothing", UAI 2022):
+  one scalar σ per input; plain gradient ascent on gap(σ)·σ, clamped to stay positive.
+- **ANCER** (Alfarra, Bibi, Khan, Torr & Ghanem 2022, arXiv 2107.04570, as in the authors'
+  ancer-python 1.0.0): one θ_i per input dimension, initialized at the isotropic θ_iso; Adam
+  maximizes gap(θ)·(Π θ_i)^(1/d) + κ·gap(θ)·min_i θ_i, the geometric mean taken as
+  exp(mean(log θ)); after every step θ ← max(θ, θ_iso) elementwise, so the region contains
+  the isotropic one (at equal p_A).
+
+For the l1 norm the noise is uniform with half-width λ = √3·θ (``Noise.scale_from_sigma``);
+the objective is written in θ, as the authors write it.
+
+Unlike the authors' code, which takes one input (or one batch held whole in memory) at a
+time, every input's samples are packed into shared forward batches of at most ``max_batch``
+rows; one input's noise comes from its own generator, so its scales do not depend on which
+inputs share its batches. The model's parameters are frozen during the optimization (no
+gradient accumulates in them) and the model runs in eval mode; both are restored after.
+
+A certificate computed with scales that depend on x is only sound together with the
+memory-based check of ``ancer.memory`` (DDRS §3.5). The optimizer's noise is drawn from
+generators keyed apart from the certification's (``derive_seed(seed, "optimize", idx)``),
+so that CERTIFY's estimate of p_A stays independent of the draws that chose θ.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ancer.errors import ArgumentError
+from ancer.noise import NOISES, Noise
+from ancer.seeding import derive_seed, make_generator
+from ancer.smoothing import Certificate, ProgressCallback, Smoothed
+from ancer.stats import check_count
+
+#: what the model returns: raw scores (softmax applied), probabilities, or log-probabilities
+OUTPUTS = ("logits", "probabilities", "log_probabilities")
+
+#: the clamp of the top-two probabilities before Φ⁻¹ in the l2 gap (ANCER's released code)
+PROBABILITY_CLAMP = (0.001, 0.999)
+
+Scale = Union[float, torch.Tensor]
+
+
+@dataclass
+class OptimizedScales:
+    """The result of an optimization.
+
+    ``sigma`` holds the per-input standard deviations on the host, float32: shape (B,) for
+    isotropic scales (DDRS), (B, *input_shape) for anisotropic ones (ANCER). For l1 the
+    uniform half-widths are √3·sigma. ``objective`` is the objective of every input at every
+    step, shape (iterations, B), evaluated at the scales before that step's update.
+    """
+
+    sigma: torch.Tensor
+    norm: str
+    objective: torch.Tensor
+
+    def noises(self) -> List[Noise]:
+        """One smoothing noise per input, with that input's scales."""
+        return [NOISES[self.norm](sigma) for sigma in self.sigma]
+
+
+# -- the objective ---------------------------------------------------------------------------
+def proxy_gap(probabilities: torch.Tensor, norm: str) -> torch.Tensor:
+    """gap = Φ⁻¹(p1) − Φ⁻¹(p2) (l2; p clamped to [0.001, 0.999]) or p1 − p2 (l1), where p1,
+    p2 are the two largest entries of each row of ``probabilities`` (B, classes). The top two
+    are taken by sorting, so the gradient flows through p1 and p2 (ANCER, Alfarra et al.)."""
+    top = torch.topk(probabilities, 2, dim=1).values
+    if norm == "l2":
+        top = torch.special.ndtri(top.clamp(*PROBABILITY_CLAMP))
+    return top[:, 0] - top[:, 1]
+
+
+def isotropic_objective(sigma: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """DDRS: gap(σ)·σ per input, the certified radius estimate (for l1 up to the constant
+    factor √3 of the half-width)."""
+    return gap * sigma
+
+
+def anisotropic_objective(theta: torch.Tensor, gap: torch.Tensor, kappa: float = 2.0) -> torch.Tensor:
+    """ANCER: gap·exp(mean(log θ)) + κ·gap·min_i θ_i per input (θ of shape (B, *input_shape)):
+    the volume radius of the region plus κ times its proxy radius, up to the factor that
+    turns the gap into R."""
+    flat = theta.flatten(1)
+    return gap * torch.exp(torch.log(flat).mean(dim=1)) + kappa * gap * flat.min(dim=1).values
+
+
+# -- the public optimizers -------------------------------------------------------------------
+def optimize_isotropic(
+    model: nn.Module,
+    xs: torch.Tensor,
+    sigma0: Scale,
+    norm: str,
+    *,
+    iterations: int = 100,
+    lr: float = 0.0001,
+    samples: int = 100,
+    min_sigma: float = 1e-4,
+    outputs: str = "logits",
+    max_batch: int = 1000,
+    seed: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    generators: Optional[Sequence[torch.Generator]] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> OptimizedScales:
+    """Data-dependent isotropic σ per input (DDRS, Alfarra et al., UAI 2022, §3).
+
+    Plain gradient ascent on gap(σ)·σ: σ ← max(σ + lr·∂/∂σ [gap(σ)·σ], ``min_sigma``), for
+    ``iterations`` steps with ``samples`` fresh noise draws per input and step.
+
+    ``xs``: inputs (B, *input_shape) in the model's input space; ``sigma0``: the starting σ,
+    a float or one per input (B,); ``norm``: "l2" (Gaussian) or "l1" (uniform, λ = √3σ);
+    ``outputs``: what the model returns ("logits": softmax is applied; "probabilities";
+    "log_probabilities": exp is applied). Each forward batch holds at most ``max_batch``
+    noisy inputs. Input i's noise comes from ``generators[i]`` if given, else from a
+    generator seeded by ``derive_seed(seed, "optimize", indices[i])`` (``indices`` defaults
+    to 0..B-1; pass dataset indices so that a resumed or sharded job draws the same noise).
+    ``progress`` is called with the number of noisy inputs evaluated after each group of
+    inputs (iterations·B·samples in all).
+    Returns the scales as ``OptimizedScales`` with ``sigma`` of shape (B,).
+    """
+    min_sigma = _check_positive("min_sigma", min_sigma)
+    lr = _check_positive("lr", lr)
+    problem = _Problem.build(model, xs, sigma0, norm, iterations, samples, outputs, max_batch,
+                             seed, indices, generators, progress, per_dimension=False)
+
+    def ascend(sigma: torch.Tensor, grad: torch.Tensor) -> None:
+        sigma.add_(grad, alpha=lr).clamp_(min=min_sigma)
+
+    return problem.run(isotropic_objective, ascend)
+
+
+def optimize_anisotropic(
+    model: nn.Module,
+    xs: torch.Tensor,
+    theta0: Scale,
+    norm: str,
+    iterations: int = 100,
+    lr: float = 0.04,
+    samples: int = 100,
+    kappa: float = 2.0,
+    *,
+    outputs: str = "logits",
+    max_batch: int = 1000,
+    seed: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    generators: Optional[Sequence[torch.Generator]] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> OptimizedScales:
+    """ANCER (Alfarra et al. 2022, arXiv 2107.04570, §4): per-dimension scales θ per input.
+
+    θ starts at the isotropic θ_iso = ``theta0`` (a float, or one σ per input (B,), e.g.
+    ``optimize_isotropic(...).sigma``); Adam (``lr``) maximizes
+
+        gap(θ)·exp(mean(log θ)) + κ·gap(θ)·min_i θ_i
+
+    for ``iterations`` steps with ``samples`` fresh noise draws per input and step, and after
+    every step projects θ ← max(θ, θ_iso) elementwise. Adam acts elementwise, so one Adam
+    over the whole batch is exactly one Adam per input. The defaults (100 iterations,
+    lr 0.04, 100 samples, κ = 2) are the paper's. The other arguments are those of
+    :func:`optimize_isotropic`. Returns ``OptimizedScales`` with ``sigma`` of shape
+    (B, *input_shape).
+    """
+    lr = _check_positive("lr", lr)
+    kappa = _check_positive("kappa", kappa, allow_zero=True)
+    problem = _Problem.build(model, xs, theta0, norm, iterations, samples, outputs, max_batch,
+                             seed, indices, generators, progress, per_dimension=True)
+    lower = problem.theta.detach().clone()
+    adam = torch.optim.Adam([problem.theta], lr=lr, maximize=True)
+
+    def adam_step(theta: torch.Tensor, grad: torch.Tensor) -> None:
+        theta.grad = grad
+        adam.step()
+        torch.maximum(theta, lower, out=theta)  # projection onto θ >= θ_iso
+
+    return problem.run(partial(anisotropic_objective, kappa=kappa), adam_step)
+
+
+def certify_with_scales(
+    smoothed: Smoothed,
+    xs: torch.Tensor,
+    scales: Union[OptimizedScales, torch.Tensor],
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: Optional[int] = None,
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> List[Certificate]:
+    """CERTIFY every input of ``xs`` with its own scales, through ``Smoothed.certify_batch``.
+
+    Input i is smoothed with ``smoothed.noise.with_sigma(scales[i])``: per-dimension scales
+    certify an ellipsoid (Gaussian, l2) or a generalized cross-polytope (uniform, l1) with
+    semi-axes θ_i·Φ⁻¹(p_A) or λ_i·2(p_A − 1/2) (ANCER); per-input scalars certify a ball
+    (DDRS). Each certificate reports the label, p_lower, the proxy radius (min semi-axis),
+    the volume radius and the log-volume. Pass generators independent of the optimizer's
+    (the default seeding keeps them apart). Sound for input-dependent scales only together
+    with ``ancer.memory.Memory``.
+    """
+    if not isinstance(smoothed, Smoothed):
+        raise ArgumentError(f"smoothed must be an ancer.smoothing.Smoothed, got {type(smoothed).__name__}")
+    if isinstance(scales, OptimizedScales):
+        if scales.norm != smoothed.noise.norm:
+            raise ArgumentError(
+                f"the scales were optimized for {scales.norm} but the smoothed classifier's noise "
+                f"certifies {smoothed.noise.norm}; optimize with norm={smoothed.noise.norm!r}"
+            )
+        scales = scales.sigma
+    if not isinstance(scales, torch.Tensor) or len(scales) != len(xs):
+        raise ArgumentError(
+            f"give one scale (B,) or one scale tensor (B, *input_shape) per input: got "
+            f"{type(scales).__name__} of length {len(scales) if hasattr(scales, '__len__') else '?'} "
+            f"for {len(xs)} inputs"
+        )
+    noises = [smoothed.noise.with_sigma(scale) for scale in scales]
+    return smoothed.certify_batch(xs, n0, n, alpha, batch_size, generators=generators,
+                                  noises=noises, progress=progress)
+
+
+# -- the shared engine -----------------------------------------------------------------------
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Update = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class _Problem:
+    """One optimization over a batch of inputs: the validated arguments and the state θ."""
+
+    model: nn.Module
+    xs: torch.Tensor
+    theta: torch.Tensor
+    norm: str
+    iterations: int
+    samples: int
+    outputs: str
+    max_batch: int
+    generators: List[torch.Generator]
+    progress: Optional[ProgressCallback]
+
+    @classmethod
+    def build(cls, model, xs, scale0, norm, iterations, samples, outputs, max_batch, seed,
+              indices, generators, progress, per_dimension: bool) -> "_Problem":
+        if not isinstance(model, nn.Module):
+            raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if norm not in NOISES:
+            raise ArgumentError(f"norm must be 'l2' or 'l1', got {norm!r}")
+        if outputs not in OUTPUTS:
+            raise ArgumentError(
+                f"outputs must be one of {OUTPUTS}, got {outputs!r}: say whether the model returns "
+                "logits (softmax is applied) or probabilities"
+            )
+        iterations = check_count("iterations", iterations)
+        samples = check_count("samples", samples)
+        max_batch = check_count("max_batch", max_batch)
+        device = _device_of(model)
+        xs = _check_inputs(xs).to(device=device, dtype=_dtype_of(model))
+        scale = _initial_scales(scale0, len(xs))
+        shape = (len(xs), *xs.shape[1:]) if per_dimension else (len(xs),)
+        theta = scale.view(-1, *[1] * (len(shape) - 1)).expand(shape).to(device).clone()
+        generators = _generators(len(xs), device, seed, indices, generators)
+        return cls(model, xs, theta.requires_grad_(True), norm, iterations, samples, outputs,
+                   max_batch, generators, progress)
+
+    def run(self, objective: Objective, update: Update) -> OptimizedScales:
+        """``iterations`` steps of: per group of inputs, the mean probabilities, the gap, the
+        objective and its gradient in θ; then one ``update`` of θ for the whole batch."""
+        trace = torch.empty(self.iterations, len(self.xs), device=self.xs.device)
+        noise = NOISES[self.norm](1.0)
+        with _frozen(self.model):
+            for step in range(self.iterations):
+                grad = torch.zeros_like(self.theta)
+                for start, stop in _groups(len(self.xs), self.samples, self.max_batch):
+                    theta = self.theta.detach()[start:stop].requires_grad_(True)
+                    mean = self._mean_probabilities(noise, theta, start, stop)
+                    value = objective(theta, proxy_gap(mean, self.norm))
+                    (grad[start:stop],) = torch.autograd.grad(value.sum(), theta)
+                    trace[step, start:stop] = value.detach()
+                with torch.no_grad():
+                    update(self.theta, grad)
+        sigma = self.theta.detach().to("cpu", torch.float32)
+        return OptimizedScales(sigma=sigma, norm=self.norm, objective=trace.cpu())
+
+    def _mean_probabilities(self, noise: Noise, theta: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """p̄ for inputs start..stop-1: (k, classes). ε is drawn per input from its own
+        generator, all ``samples`` draws at once; the forward runs in chunks of at most
+        ``max_batch`` rows, recomputed in the backward pass when an input's samples need more
+        than one chunk (activation checkpointing), so activations stay within one chunk's
+        (the input's ε, samples × d, is held whole)."""
+        x = self.xs[start:stop]
+        eps = torch.empty((len(x), self.samples, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        for row, generator in zip(eps, self.generators[start:stop]):
+            noise.draw_standard_(row, generator)
+        scale = theta.view(len(x), 1, *theta.shape[1:], *[1] * (x.dim() - theta.dim()))
+        if len(x) * self.samples <= self.max_batch:
+            total = self._probability_sum(x, scale, eps, noise)
+        else:  # one input whose samples exceed a forward batch
+            total = sum(
+                checkpoint(self._probability_sum, x, scale, eps[:, low:low + self.max_batch], noise,
+                           use_reentrant=False)
+                for low in range(0, self.samples, self.max_batch)
+            )
+        if self.progress is not None:
+            self.progress(len(x) * self.samples)
+        return total / self.samples
+
+    def _probability_sum(self, x: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """Σ_m of the class probabilities at x + scale(θ)⊙ε_m over the draws in ``eps``."""
+        noisy = noise.reparameterize(x.unsqueeze(1), scale, eps).flatten(0, 1).to(x.dtype)
+        scores = self.model(noisy)
+        if scores.dim() != 2 or scores.shape[0] != len(noisy) or scores.shape[1] < 2:
+            raise ArgumentError(
+                f"the model returned scores of shape {tuple(scores.shape)} for a batch of "
+                f"{len(noisy)}; it must return (batch, classes) with at least 2 classes"
+            )
+        return _to_probabilities(scores.float(), self.outputs).view(len(x), -1, scores.shape[1]).sum(dim=1)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _to_probabilities(scores: torch.Tensor, outputs: str) -> torch.Tensor:
+    if outputs == "logits":
+        return torch.softmax(scores, dim=1)
+    if outputs == "log_probabilities":
+        return scores.exp()
+    return scores
+
+
+def _groups(num_inputs: int, samples: int, max_batch: int) -> Iterator[tuple]:
+    """Ranges [start, stop) of whole inputs whose samples fit in one forward batch (at least
+    one input per range)."""
+    per_group = max(1, max_batch // samples)
+    for start in range(0, num_inputs, per_group):
+        yield start, min(start + per_group, num_inputs)
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and requires_grad=False on every parameter, both restored on exit: the
+    optimization differentiates with respect to θ only."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    training = model.training
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(training)
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{name} must be a number, got {value!r}") from None
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ArgumentError(f"{name} must be finite and {bound}, got {value!r}")
+    return value
+
+
+def _check_inputs(xs: torch.Tensor) -> torch.Tensor:
+    if not isinstance(xs, torch.Tensor) or xs.dim() < 2 or len(xs) == 0:
+        shape = tuple(xs.shape) if isinstance(xs, torch.Tensor) else type(xs).__name__
+        raise ArgumentError(f"inputs must be a non-empty batch tensor (B, *input_shape), got {shape}")
+    if not xs.is_floating_point() or not torch.isfinite(xs).all():
+        raise ArgumentError("inputs must be finite floating-point values")
+    return xs.detach()
+
+
+def _initial_scales(scale0: Scale, batch: int) -> torch.Tensor:
+    """The starting σ per input, (B,) float32: from a float or a tensor of 1 or B entries."""
+    scale = torch.as_tensor(scale0.detach() if isinstance(scale0, torch.Tensor) else scale0,
+                            dtype=torch.float32).cpu()
+    if scale.numel() == 1:
+        scale = scale.reshape(1).expand(batch)
+    if scale.shape != (batch,):
+        raise ArgumentError(
+            f"the initial scale must be a float or one value per input (shape ({batch},)), got "
+            f"shape {tuple(scale.shape)}; for ANCER pass the isotropic σ, e.g. "
+            "optimize_isotropic(...).sigma"
+        )
+    if not torch.isfinite(scale).all() or (scale <= 0).any():
+        raise ArgumentError("every initial scale must be finite and > 0 (e.g. sigma0=0.25)")
+    return scale
+
+
+def _generators(batch: int, device: torch.device, seed: int, indices: Optional[Sequence[int]],
+                generators: Optional[Sequence[torch.Generator]]) -> List[torch.Generator]:
+    if generators is not None:
+        if indices is not None:
+            raise ArgumentError("give either generators or indices (with seed), not both")
+        if len(generators) != batch:
+            raise ArgumentError(f"got {len(generators)} generators for {batch} inputs; give one per input")
+        for generator in generators:
+            if not isinstance(generator, torch.Generator) or generator.device.type != device.type:
+                raise ArgumentError(
+                    f"every generator must be a torch.Generator on the model's device ({device}); "
+                    "create it with ancer.seeding.make_generator(seed, device)"
+                )
+        return list(generators)
+    indices = range(batch) if indices is None else list(indices)
+    if len(indices) != batch:
+        raise ArgumentError(f"got {len(indices)} indices for {batch} inputs; give one per input")
+    return [make_generator(derive_seed(seed, "optimize", int(index)), device) for index in indices]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32

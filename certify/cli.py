@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, NoReturn, Sequence
 
 from ancer.errors import AncerError, ArgumentError
-from certify import merge, report, results
+from certify import demo, distributed, jobs, merge, report, results
 
 PROG = "certify"
 EXIT_ERROR = 1
@@ -110,8 +110,9 @@ def run_parser() -> argparse.ArgumentParser:
                             "per-input anisotropic scales (ancer); default isotropic")
     noise.add_argument("--n0", type=_positive_int, default=100,
                        help="noise samples to select the class (default 100)")
-    noise.add_argument("--n", type=_positive_int, default=100_000,
-                       help="noise samples to bound its probability (default 100000)")
+    noise.add_argument("--n", "--num-samples", type=_positive_int, default=100_000, dest="n",
+                       help="noise samples to bound its probability (default 100000); under "
+                            "torchrun write --num-samples, as torchrun reads --n as its own")
     noise.add_argument("--alpha", type=_probability, default=0.001,
                        help="failure probability of each certificate (default 0.001)")
 
@@ -123,6 +124,9 @@ def run_parser() -> argparse.ArgumentParser:
     optimizer.add_argument("--opt-samples", type=_positive_int, metavar="M",
                            help="noise samples per optimizer step (default: the method's, "
                                 "100 for ancer)")
+    optimizer.add_argument("--theta0", choices=("sigma", "dds"), default="sigma",
+                           help="ancer: start from the fixed --sigma or from a data-dependent "
+                                "sigma (DDRS, default options); default sigma")
     optimizer.add_argument("--kappa", type=_positive_float, metavar="K",
                            help="ancer: weight of the proxy-radius term (default 2)")
 
@@ -137,6 +141,9 @@ def run_parser() -> argparse.ArgumentParser:
     compute.add_argument("--seed", type=_int, default=0,
                          help="random seed; each input's noise derives from (seed, idx), so "
                               "a row does not depend on shard or resume (default 0)")
+    compute.add_argument("--inputs-per-batch", type=_positive_int, metavar="B",
+                         help="inputs certified together, their samples sharing forward "
+                              "batches (default: batch // n0, at least 1)")
     compute.add_argument("--shard", type=_shard, metavar="I/K",
                          help="certify only shard I of K (0-based), written to "
                               "<out>.shardIofK.tsv; merge with 'certify merge'")
@@ -209,11 +216,24 @@ def _warn_dropped(dropped: Iterable[tuple[Path, str]]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not args.demo and (args.model is None or args.sigma is None):
-        raise ArgumentError("give --model CKPT and --sigma S (or --demo to try the shipped "
-                            "example) (see 'certify --help')")
-    # The certification run: certify/jobs.py (issue 5, second step).
-    raise NotImplementedError("the certification run (certify/jobs.py) is not written yet")
+    if args.demo:
+        demo.configure(args)
+    out = jobs.run(args)
+    if distributed.from_environment().rank != 0:
+        return 0
+    if args.shard is not None:
+        print(f"results in {out}; when every shard is done: '{PROG} merge --out {args.out}'")
+        return 0
+    if not args.demo:
+        print(f"results in {out}; see them with '{PROG} report {out}'")
+        return 0
+    table = results.read_results(out)
+    radii = report.parse_radii(demo.RADII)
+    sys.stdout.write(report.format_report([report.summarize(table, radii, "demo")], radii))
+    sigma = results.read_sidecar(out).settings["sigma"]
+    sys.stdout.write(demo.explanation(args.norm, sigma, args.n, args.alpha))
+    print(f"results in {out}")
+    return 0
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -242,7 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         make_parser, command = run_parser, _run
     try:
-        return command(make_parser().parse_args(argv))
+        parser = make_parser()
+        if command is _run and "--demo" in argv:
+            parser.set_defaults(**demo.DEFAULTS)
+        return command(parser.parse_args(argv))
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     except ArgumentError as error:

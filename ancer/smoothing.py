@@ -21,29 +21,28 @@ SAMPLEUNDERNOISE here draws noise on the model's device straight into one reused
 packs the samples of several inputs into one forward batch, counts votes on the device, and
 copies counts to the host once per phase. Each input's noise comes from its own generator in
 chunks whose sizes depend only on (num, batch_size), so an input's certificate does not depend
-on which other inputs share its batches.
+on which other inputs share its batches. The forward pass itself (batch norm folded,
+compiled, CUDA graphs, padded batches) is ``ancer.accelerate`` and ``ancer.folding``.
 """
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ancer.accelerate import PRECISIONS, BatchRunner, Compile, check_compile
 from ancer.certificates import Region
 from ancer.errors import ArgumentError
+from ancer.folding import fold_batchnorm, has_batchnorm
 from ancer.noise import Noise
 from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
 
 #: the label of an abstention, as in Cohen et al.'s results files
 ABSTAIN = -1
-
-#: autocast dtypes of the supported precisions; "fp32" runs the model as it is
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 ProgressCallback = Callable[[int], None]
 
@@ -61,7 +60,8 @@ class Certificate:
     class's probability from the ``n`` estimation draws; ``counts`` the estimation votes per
     class and ``selection_counts`` the n0 selection votes (kept so that a radius can be
     recomputed for another alpha without sampling again). ``precision`` names how the base
-    classifier was evaluated: the certificate is about the model as evaluated.
+    classifier was evaluated ("fp32", "bf16" or "fp16"): the certificate is about the model
+    as evaluated in that precision.
     """
 
     label: int
@@ -140,10 +140,31 @@ class Smoothed:
     """A base classifier ``model`` smoothed with ``noise``: g(x) = argmax_c P(f(x + ε) = c).
 
     ``model`` maps a batch of inputs in [0, 1] to ``num_classes`` scores (logits or
-    probabilities: only the argmax is used). ``precision`` is "fp32" (default), "bf16" or
-    "fp16" (autocast); certificates then hold for the model evaluated that way, and say so.
-    ``channels_last`` converts the model and the noise buffer to that memory format. The
-    model is put in eval mode and run under ``torch.inference_mode``.
+    probabilities: only the argmax is used). It is run in eval mode under
+    ``torch.inference_mode``. Options (all keep the smoothed classifier that of ``model``):
+
+    - ``precision``: "fp32" (default), "bf16" or "fp16" (autocast). In bf16 or fp16 the
+      certificate holds for the model *as evaluated in that precision*, which is a slightly
+      different classifier; ``Certificate.precision`` says which one was certified.
+    - ``fold_bn`` (default True): evaluate a copy of ``model`` with each batch norm folded
+      into the convolution before it (``ancer.folding``). The folded network computes the
+      same function; in fp32 its scores differ from the original's by float rounding
+      (about 1e-6 relative), so only an input whose top two scores tie to that precision
+      can vote differently. ``model`` itself is never modified; a model without batch norm
+      is used as it is.
+    - ``channels_last``: convert the model's weights to that memory format (faster
+      convolutions on GPUs with tensor cores and on CPUs with oneDNN); noisy inputs stay
+      contiguous, where noise is drawn fastest.
+    - ``compile``: True runs the model through ``torch.compile``, "auto" (default) does so
+      on CUDA only, False never; a failure to compile falls back to eager with a warning.
+    - ``cuda_graphs`` (default False; CUDA only): replay each full-batch forward from a
+      recorded CUDA graph, removing kernel-launch overhead.
+    - ``pad_batches``: pad a partial last batch to the full batch shape so compiled code and
+      graphs see one shape; only the real rows are counted. None (default) pads exactly when
+      compiling or using CUDA graphs.
+
+    ``batch_size`` of the methods below may be None: on CUDA the largest batch (up to
+    2048) that fits half the free memory, else 1000.
     """
 
     def __init__(
@@ -155,21 +176,33 @@ class Smoothed:
         precision: str = "fp32",
         channels_last: bool = False,
         device: Optional[torch.device] = None,
+        fold_bn: bool = True,
+        compile: Compile = "auto",
+        cuda_graphs: bool = False,
+        pad_batches: Optional[bool] = None,
     ) -> None:
         if not isinstance(noise, Noise):
             raise ArgumentError(f"noise must be an ancer.noise.Noise (Gaussian or Uniform), got {noise!r}")
         if precision not in PRECISIONS:
             raise ArgumentError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        check_compile(compile)
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
         self.noise = noise
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.device = torch.device(device) if device is not None else _model_device(model)
+        if fold_bn and has_batchnorm(model):
+            model = fold_batchnorm(model)
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = _model_dtype(self.model)
-        self._buffer: Optional[torch.Tensor] = None
+        self.runner = BatchRunner(
+            self.model, self.num_classes, self.device, self.dtype, precision=precision,
+            compile=compile, cuda_graphs=cuda_graphs,
+            pad_batches=pad_batches,
+        )
+        self._batch_sizes: dict = {}
 
     # -- the paper's two procedures ------------------------------------------------------
     def predict(
@@ -177,7 +210,7 @@ class Smoothed:
         x: torch.Tensor,
         n: int,
         alpha: float,
-        batch_size: int = 1000,
+        batch_size: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> int:
         """PREDICT (Cohen et al. 2019, Alg. 2): the top class of ``n`` noisy votes if the
@@ -195,7 +228,7 @@ class Smoothed:
         n0: int,
         n: int,
         alpha: float,
-        batch_size: int = 1000,
+        batch_size: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         noise: Optional[Noise] = None,
         progress: Optional[ProgressCallback] = None,
@@ -213,7 +246,7 @@ class Smoothed:
         n0: int,
         n: int,
         alpha: float,
-        batch_size: int = 1000,
+        batch_size: Optional[int] = None,
         generators: Optional[Sequence[Optional[torch.Generator]]] = None,
         noises: Optional[Sequence[Noise]] = None,
         progress: Optional[ProgressCallback] = None,
@@ -226,9 +259,9 @@ class Smoothed:
         n0 = check_count("n0", n0)
         n = check_count("n", n)
         alpha = check_alpha(alpha)
-        batch_size = check_count("batch_size", batch_size)
         centers = xs.detach().to("cpu") if isinstance(xs, torch.Tensor) else xs
         xs = self._check_inputs(xs)
+        batch_size = self.batch_size_for(tuple(xs.shape[1:]), batch_size)
         noises = self._noises_for(xs, noises)
         generators = self._generators_for(xs, generators)
         selection = self._sample_counts(xs, n0, batch_size, generators, noises, progress)
@@ -256,7 +289,7 @@ class Smoothed:
         self,
         xs: torch.Tensor,
         num: int,
-        batch_size: int = 1000,
+        batch_size: Optional[int] = None,
         generators: Optional[Sequence[Optional[torch.Generator]]] = None,
         noises: Optional[Sequence[Noise]] = None,
         progress: Optional[ProgressCallback] = None,
@@ -264,11 +297,11 @@ class Smoothed:
         """Votes of the base classifier on ``num`` noisy copies of each input of ``xs``:
         an int64 array (B, num_classes). One host synchronization for the whole call."""
         num = check_count("num", num)
-        batch_size = check_count("batch_size", batch_size)
         xs = self._check_inputs(xs)
-        return self._sample_counts(
-            xs, num, batch_size, self._generators_for(xs, generators), self._noises_for(xs, noises), progress
-        )
+        batch_size = self.batch_size_for(tuple(xs.shape[1:]), batch_size)
+        noises = self._noises_for(xs, noises)
+        generators = self._generators_for(xs, generators)
+        return self._sample_counts(xs, num, batch_size, generators, noises, progress)
 
     def _sample_counts(
         self,
@@ -279,17 +312,18 @@ class Smoothed:
         noises: List[Noise],
         progress: Optional[ProgressCallback],
     ) -> np.ndarray:
-        """``sample_counts`` on validated inputs already on the device."""
-        buffer = self._noise_buffer(batch_size, xs.shape[1:])
+        """``sample_counts`` on validated arguments: noise drawn into the runner's buffer,
+        votes of the real rows counted on the device, one copy to the host at the end."""
+        buffer = self.runner.prepare(batch_size, tuple(xs.shape[1:]))
         counts = torch.zeros(len(xs), self.num_classes, dtype=torch.long, device=self.device)
         ones = torch.ones(batch_size, dtype=torch.long, device=self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for batch in _pack(len(xs), num, batch_size):
                 offset = 0
                 for i, size in batch:
                     noises[i].perturb_(buffer[offset:offset + size], xs[i], generators[i])
                     offset += size
-                predictions = self._classify(buffer[:offset])
+                predictions = self.runner.predictions(offset)
                 offset = 0
                 for i, size in batch:
                     counts[i].scatter_add_(0, predictions[offset:offset + size], ones[:size])
@@ -298,34 +332,16 @@ class Smoothed:
                     progress(offset)
         return counts.cpu().numpy()
 
-    def _classify(self, batch: torch.Tensor) -> torch.Tensor:
-        scores = self.model(batch)
-        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
-            raise ArgumentError(
-                f"the model returned scores of shape {tuple(scores.shape)} for a batch of "
-                f"{len(batch)}, but num_classes={self.num_classes}; pass the number of classes "
-                "the model actually outputs"
-            )
-        return scores.argmax(dim=1)
-
     # -- plumbing ------------------------------------------------------------------------
-    def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def _noise_buffer(self, batch_size: int, shape: torch.Size) -> torch.Tensor:
-        """The reused device buffer that noisy inputs are written into."""
-        wanted = (batch_size, *shape)
-        if self._buffer is None or tuple(self._buffer.shape) != wanted:
-            self._buffer = None  # free the old buffer before allocating the new one
-            memory_format = (
-                torch.channels_last if self.channels_last and len(wanted) == 4 else torch.contiguous_format
-            )
-            self._buffer = torch.empty(wanted, device=self.device, dtype=self.dtype,
-                                       memory_format=memory_format)
-        return self._buffer
+    def batch_size_for(self, input_shape: Tuple[int, ...], batch_size: Optional[int] = None) -> int:
+        """The batch size used for inputs of ``input_shape``: ``batch_size`` validated, or
+        when None the automatic choice (on CUDA from free memory, measured once per shape;
+        else 1000)."""
+        if batch_size is not None:
+            return check_count("batch_size", batch_size)
+        if input_shape not in self._batch_sizes:
+            self._batch_sizes[input_shape] = self.runner.default_batch_size(input_shape)
+        return self._batch_sizes[input_shape]
 
     @staticmethod
     def _one_input(x: torch.Tensor) -> torch.Tensor:

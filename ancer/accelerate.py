@@ -1,0 +1,221 @@
+"""The base classifier's forward pass on a reused batch buffer, as fast as the device allows.
+
+:class:`BatchRunner` owns the device buffer that noisy inputs are written into and returns the
+base classifier's top class for each row. What it may do to go fast, and why each is sound:
+
+- ``torch.compile`` (inductor): the same operations, fused into fewer kernels; the results
+  differ from eager evaluation by float rounding only. When compiling is unavailable or
+  fails (no compiler, an unsupported model), the runner falls back to eager evaluation with
+  a warning. Compiled code is cached in the process per batch shape, and by inductor's
+  on-disk cache across processes.
+- Fixed batch shape: a partial batch is padded to the buffer's full size, so that compiled
+  code and CUDA graphs never meet a new shape (a new shape means a recompile). The padding
+  rows hold stale inputs; their predictions are returned but the caller counts only the
+  real rows, so they change no vote.
+- CUDA graphs: the forward pass of the full buffer is recorded once and replayed, which
+  removes the per-kernel launch cost. The replay computes exactly what the recorded calls
+  compute. The graph reads the buffer in place and writes its predictions to one static
+  tensor that the next replay overwrites; the caller consumes them (on the same stream)
+  before the next call.
+- Automatic batch size (CUDA): the largest batch that fits a fraction of the free memory,
+  measured from two probe forwards (see :func:`auto_batch_size`).
+
+Nothing here synchronizes the host with the device after set-up: ``predictions`` only
+enqueues work.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ancer.errors import ArgumentError
+
+#: autocast dtypes of the supported precisions; "fp32" runs the model as it is
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: the batch size used when none is given and the device is not a GPU
+DEFAULT_BATCH_SIZE = 1000
+#: the largest automatic batch: beyond it a GPU gains little throughput, and a fixed-shape
+#: runner pads more rows (at most one batch per phase)
+AUTO_BATCH_CAP = 2048
+
+Compile = Union[bool, str]
+
+
+class AccelerationWarning(UserWarning):
+    """An acceleration was asked for but is unavailable; evaluation goes on without it."""
+
+
+def check_compile(compile: Compile) -> Compile:
+    """``compile`` must be True, False or "auto"."""
+    if compile not in (True, False, "auto"):
+        raise ArgumentError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device`` (none for fp32). Its cache of
+    cast weights is off: the context is entered once per batch, so the cache would save
+    nothing, and CUDA graphs must not capture casts into memory that the cache frees."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
+
+
+def auto_batch_size(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    input_shape: Tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_fraction: float = 0.5,
+    cap: int = AUTO_BATCH_CAP,
+) -> int:
+    """A batch size for ``forward`` on ``device``: on CUDA, the largest multiple of 64 (at
+    most ``cap``) whose inputs and activations fit ``memory_fraction`` of the free memory,
+    each row charged 1/64 of the peak memory of a probe forward of 64 rows (workspaces
+    included, so the estimate errs on the small side); elsewhere :data:`DEFAULT_BATCH_SIZE`."""
+    if device.type != "cuda":
+        return DEFAULT_BATCH_SIZE
+    probe = torch.zeros((64, *input_shape), device=device, dtype=dtype)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    forward(probe)
+    torch.cuda.synchronize(device)
+    per_row = max(torch.cuda.max_memory_allocated(device) - start, 1) / 64 + probe[0].nbytes
+    del probe
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    rows = int(memory_fraction * free / per_row) // 64 * 64
+    return max(64, min(cap, rows))
+
+
+class BatchRunner:
+    """The top class of the base classifier ``model`` on each row of a reused input buffer.
+
+    ``model`` must already be on ``device`` in eval mode (in channels_last format if wanted:
+    the buffer stays contiguous, because noise is drawn several times faster into contiguous
+    memory, and the first convolution reorders its input). ``precision`` is "fp32", "bf16" or "fp16" (autocast). ``compile``:
+    True compiles with ``torch.compile``, "auto" compiles on CUDA only (compiling costs
+    seconds to minutes: on a CPU it is opt-in, so that tests and CI stay fast), False never. ``cuda_graphs`` replays the
+    full-batch forward from a CUDA graph (CUDA only; ignored elsewhere with a warning).
+    ``pad_batches``: None pads partial batches to the full shape exactly when compiled or
+    graphed; True or False forces it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        precision: str = "fp32",
+        compile: Compile = "auto",
+        cuda_graphs: bool = False,
+        pad_batches: Optional[bool] = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ArgumentError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        compile = check_compile(compile)
+        self.model = model
+        self.num_classes = num_classes
+        self.device = device
+        self.dtype = dtype
+        self.precision = precision
+        self.compile = compile is True or (compile == "auto" and device.type == "cuda")
+        if cuda_graphs and device.type != "cuda":
+            warnings.warn(f"cuda_graphs needs a CUDA device, the model is on {device}; running "
+                          "without them", AccelerationWarning, stacklevel=3)
+        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self.pad_batches = (self.compile or self.cuda_graphs) if pad_batches is None else bool(pad_batches)
+        self._network: Callable[[torch.Tensor], torch.Tensor] = model
+        self._compiled = False
+        self.buffer: Optional[torch.Tensor] = None
+        self._graph: Optional["torch.cuda.CUDAGraph"] = None
+        self._graph_output: Optional[torch.Tensor] = None
+
+    # -- public --------------------------------------------------------------------------
+    def default_batch_size(self, input_shape: Tuple[int, ...]) -> int:
+        """The batch size to use when the caller gives none (see :func:`auto_batch_size`)."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return auto_batch_size(self.model, tuple(input_shape), self.device, self.dtype)
+
+    def prepare(self, batch_size: int, input_shape: Tuple[int, ...]) -> torch.Tensor:
+        """The buffer of ``batch_size`` rows of ``input_shape``, reused while both stay the
+        same; a new shape frees the old buffer (and graph) first. Zero-filled when new, so
+        that padding rows never hold NaNs."""
+        wanted = (batch_size, *input_shape)
+        if self.buffer is None or tuple(self.buffer.shape) != wanted:
+            self.buffer = self._graph = self._graph_output = None
+            self.buffer = torch.zeros(wanted, device=self.device, dtype=self.dtype)
+        return self.buffer
+
+    def predictions(self, rows: int) -> torch.Tensor:
+        """The top classes of the first ``rows`` rows of the buffer (a device tensor; with
+        padding, of all rows: count only the first ``rows``). Call under
+        ``torch.inference_mode``."""
+        full = self.pad_batches or rows == len(self.buffer)
+        if self.compile and not self._compiled:
+            self._compile()
+        if full and self.cuda_graphs:
+            if self._graph is None:
+                self._capture()
+            if self._graph is not None:
+                self._graph.replay()
+                return self._graph_output
+        return self._classify(self.buffer if full else self.buffer[:rows])
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _classify(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            scores = self._network(batch)
+        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
+            raise ArgumentError(
+                f"the model returned scores of shape {tuple(scores.shape)} for a batch of "
+                f"{len(batch)}, but num_classes={self.num_classes}; pass the number of classes "
+                "the model actually outputs"
+            )
+        return scores.argmax(dim=1)
+
+    def _compile(self) -> None:
+        """Compile the network and run it once on the buffer; on any failure, warn and stay
+        eager. Called once."""
+        self._compiled = True
+        try:
+            self._network = torch.compile(self.model, dynamic=False)
+            self._classify(self.buffer)
+        except ArgumentError:
+            self._network = self.model
+            raise
+        except Exception as error:  # no compiler, unsupported operator, ...
+            self._network = self.model
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:300]}); "
+                          "the model runs uncompiled", AccelerationWarning, stacklevel=4)
+
+    def _capture(self) -> None:
+        """Record the full-buffer forward pass in a CUDA graph after warm-up runs on a side
+        stream (as the CUDA-graph documentation prescribes); on failure, warn and go on
+        without graphs."""
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._classify(self.buffer)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self._classify(self.buffer)
+            self._graph, self._graph_output = graph, output
+        except ArgumentError:
+            raise
+        except Exception as error:
+            self.cuda_graphs = False
+            warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {str(error)[:300]}); "
+                          "running without CUDA graphs", AccelerationWarning, stacklevel=4)

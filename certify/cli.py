@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, NoReturn, Sequence
 
 from ancer.errors import AncerError, ArgumentError
-from certify import demo, distributed, jobs, merge, report, results
+from certify import demo, distributed, jobs, merge, replay, report, results
 
 PROG = "certify"
 EXIT_ERROR = 1
@@ -146,7 +146,9 @@ def run_parser() -> argparse.ArgumentParser:
                               "batches (default: batch // n0, at least 1)")
     compute.add_argument("--shard", type=_shard, metavar="I/K",
                          help="certify only shard I of K (0-based), written to "
-                              "<out>.shardIofK.tsv; merge with 'certify merge'")
+                              "<out>.shardIofK.tsv; merge with 'certify merge' (for dds and "
+                              "ancer the shards hold raw certificates, which the merge runs "
+                              "through the memory)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="results.tsv", metavar="TSV",
@@ -180,11 +182,16 @@ def merge_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=f"{PROG} merge",
         description="Merge results files (shards of one run) into one file ordered by idx, "
-                    "each input once. Without files, merges <out>.shard<i>of<k>.tsv.",
+                    "each input once. Without files, merges <out>.shard<i>of<k>.tsv. Shards of "
+                    "a --method dds or ancer run are answered here by the memory, in one "
+                    "pass over all inputs in idx order, which re-reads the run's dataset.",
     )
     parser.add_argument("files", nargs="*", metavar="SHARD.tsv",
                         help="files to merge (default: the shards of --out)")
     parser.add_argument("--out", required=True, metavar="TSV", help="merged results file")
+    parser.add_argument("--data", metavar="DIR",
+                        help="dds/ancer shards: where the run's dataset lies now, if it moved "
+                             "(default: the path in the shards' settings)")
     return parser
 
 
@@ -194,6 +201,7 @@ def _report(args: argparse.Namespace) -> int:
     names = report.run_names(args.results)
     _warn_dropped((t.path, t.partial_line) for t in tables if t.partial_line is not None)
     summaries = [report.summarize(t, radii, name) for t, name in zip(tables, names)]
+    _warn_raw(summaries)
     if args.plot:
         report.plot_curves(list(zip(names, tables)), args.plot, max(radii))
     sys.stdout.write(report.format_report(summaries, radii, args.format))
@@ -202,11 +210,21 @@ def _report(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     files = args.files or merge.find_shards(args.out)
-    result = merge.merge_results(files, args.out)
+    result = merge.merge_results(files, args.out, args.data)
     _warn_dropped(result.dropped)
     print(f"merged {result.rows} rows from {len(result.inputs)} files into {result.out}"
           + (f" ({result.collapsed} duplicate rows collapsed)" if result.collapsed else ""))
+    if result.memory is not None:
+        print(replay.describe(result.memory))
     return 0
+
+
+def _warn_raw(summaries: Iterable[report.Summary]) -> None:
+    for summary in summaries:
+        if summary.memory is not None and summary.memory["raw"]:
+            print(f"{PROG}: warning: {summary.name} holds {summary.memory['raw']} raw shard rows "
+                  "of a data-dependent run, not yet answered by the memory (not sound alone): "
+                  f"report the file '{PROG} merge' writes", file=sys.stderr)
 
 
 def _warn_dropped(dropped: Iterable[tuple[Path, str]]) -> None:
@@ -221,6 +239,7 @@ def _run(args: argparse.Namespace) -> int:
     out = jobs.run(args)
     if distributed.from_environment().rank != 0:
         return 0
+    _print_memory_report(out)
     if args.shard is not None:
         print(f"results in {out}; when every shard is done: '{PROG} merge --out {args.out}'")
         return 0
@@ -234,6 +253,13 @@ def _run(args: argparse.Namespace) -> int:
     sys.stdout.write(demo.explanation(args.norm, sigma, args.n, args.alpha))
     print(f"results in {out}")
     return 0
+
+
+def _print_memory_report(out: Path) -> None:
+    """The memory's report of a data-dependent run (kept in its sidecar's info)."""
+    sidecar = results.read_sidecar(out)
+    if sidecar is not None and "memory" in sidecar.info:
+        print(replay.describe(sidecar.info["memory"]))
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,14 @@ The run (issue 5; DESIGN.md §1):
 
 1. load the model (:func:`ancer.models.load_model`), the dataset (``--skip``/``--max``) and
    the noise of ``--norm`` (l2: Gaussian, l1: uniform, λ = √3·σ);
-2. take this process's share of the inputs (``--shard I/K`` or the torchrun rank: the
-   inputs whose position in the selection is I mod K);
-3. certify them in groups of ``--inputs-per-batch`` inputs, whose noise samples share
-   forward batches (``Smoothed.certify_batch``), each input drawing from its own generator
-   ``input_generator(seed, idx)`` so that a row does not depend on the group, shard or
-   resumed run that produced it:
+2. cut the selection into groups of ``--inputs-per-batch`` consecutive inputs, and take
+   this process's share of the groups (``--shard I/K`` or the torchrun rank: the groups
+   whose number is I mod K);
+3. certify each group's inputs together, their noise samples sharing forward batches
+   (``Smoothed.certify_batch``), each input drawing from its own generator
+   ``input_generator(seed, idx)``; a group is the same in every shard layout, so a row
+   does not depend on the shard or resumed run that produced it, even where batched
+   arithmetic rounds differently in another company:
 
    - ``isotropic``: CERTIFY with the fixed σ (Cohen et al. 2019; Yang et al. 2020);
    - ``dds``: a data-dependent σ per input (``optimize_isotropic``, DDRS), then CERTIFY;
@@ -17,9 +19,12 @@ The run (issue 5; DESIGN.md §1):
      or the DDRS σ (``--theta0``), then CERTIFY with them;
 
 4. data-dependent methods pass every certificate through the memory
-   (:class:`ancer.memory.Memory`) in idx order, which keeps them sound;
+   (:class:`ancer.memory.Memory`) in idx order, which keeps them sound, and record its
+   answer in the ``memory`` column; a shard writes its certificates raw (``raw``), and
+   the merge replays the memory over all inputs in idx order (:mod:`certify.replay`);
 5. write each input's row as soon as its group is done (flushed and fsynced), its
-   anisotropic scales first (:mod:`certify.scales`), and save the memory after each group.
+   anisotropic scales first (:mod:`certify.scales`), and save the memory after each group;
+   at the end, the memory's report goes to the sidecar's ``info``.
 
 Files beside ``--out`` (``results.tsv``): ``results.json`` (settings, compared on resume),
 ``results.scales.npy`` (ancer), ``results.memory.pt`` (dds, ancer).
@@ -29,9 +34,6 @@ always certified whole (batched arithmetic may round differently in other compan
 the memory on disk reflects the inputs up to the end of the last complete group; a group
 cut by a kill is certified again whole, deterministically, bringing the memory up to date
 and writing only its missing rows. So a resumed run's rows equal an uninterrupted run's.
-
-Sharding data-dependent methods is refused: the memory must see every input, in order, in
-one process, and shards certify disjoint inputs concurrently.
 """
 
 from __future__ import annotations
@@ -62,11 +64,11 @@ from ancer.smoothing import Certificate, Smoothed
 from certify import distributed, merge
 from certify.distributed import Launch
 from certify.progress import Progress
-from certify.results import (Row, ResultsWriter, base_name, open_results, read_results,
-                             read_sidecar, shard_path)
+from certify.replay import MEMORY_METHODS, NO_MEMORY, RAW, answered, memory_path
+from certify.results import (Row, ResultsWriter, add_sidecar_info, base_name, open_results,
+                             read_results, read_sidecar, shard_path)
 from certify.scales import ScalesWriter, open_scales
 
-MEMORY_METHODS = frozenset({"dds", "ancer"})
 #: the checkpoint's normalization dataset -> the reader of its test set
 _READERS_OF = {"cifar10": "cifar10", "imagenet": "imagenet"}
 
@@ -209,11 +211,6 @@ def run(args: argparse.Namespace) -> Path:
         if shard is not None:
             raise ArgumentError("--shard and torchrun both split the inputs: give only one")
         shard = (launch.rank, launch.world_size)
-    if shard is not None and args.method in MEMORY_METHODS:
-        raise ArgumentError(
-            f"--method {args.method} cannot be sharded: its memory-based certificate is sound "
-            "only when each input is checked against every earlier one in one ordered pass; "
-            "run it in one process, without --shard or torchrun")
     out = Path(args.out)
     if launch.distributed:
         _check_merge_target(out)
@@ -247,22 +244,25 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
     """Certify this shard's inputs of ``job`` into the results file ``path``, resuming it.
 
     The inputs are cut into fixed groups of ``job.group_size`` consecutive positions, and a
-    group is always certified whole (again whole on resume, writing only its missing rows):
-    batched floating-point arithmetic may round differently in another company, so this
-    keeps every row, to the last digit, that of an uninterrupted run."""
-    positions = [p for p in range(len(job.dataset)) if shard is None or p % shard[1] == shard[0]]
+    group is always certified whole (again whole on resume, writing only its missing rows;
+    a shard takes whole groups): batched floating-point arithmetic may round differently in
+    another company, so this keeps every row, to the last digit, that of an uninterrupted
+    single-process run. A shard of a data-dependent method runs no memory: it sees only its
+    own inputs, so its rows are raw, answered at the merge."""
+    groups = [g for number, g in enumerate(_groups(range(len(job.dataset)), job.group_size))
+              if shard is None or number % shard[1] == shard[0]]
+    positions = [p for group in groups for p in group]
     with open_results(path, job.settings, job.info) as writer:
         written = [job.dataset.indices[p] for p in positions if job.dataset.indices[p] in writer.done]
-        memory, memory_file = _open_memory(job, path, written)
+        memory, memory_file = _open_memory(job, path, written, shard)
         scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
                   if job.method == "ancer" else None)
         finished = set(memory.processed) if memory is not None else writer.done
-        groups = [g for g in _groups(positions, job.group_size)
-                  if not all(job.dataset.indices[p] in finished for p in g)]
+        todo = [g for g in groups if not all(job.dataset.indices[p] in finished for p in g)]
         progress = Progress(len(positions), len(writer.done), _description(path, shard), quiet,
                             position)
         try:
-            for group in groups:
+            for group in todo:
                 _certify_group(job, group, writer, memory, scales, progress)
                 if memory is not None:
                     memory.save(memory_file)
@@ -270,6 +270,8 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
             progress.close()
             if scales is not None:
                 scales.close()
+    if memory is not None:
+        add_sidecar_info(path, memory=memory.report())
 
 
 def _description(path: Path, shard: Optional[tuple[int, int]]) -> str:
@@ -281,18 +283,13 @@ def _file_order(path: Path, writer: ResultsWriter) -> list[int]:
     return [int(i) for i in read_results(path).columns["idx"]] if writer.done else []
 
 
-def memory_path(path: str | Path) -> Path:
-    """The memory file of a results file: ``results.tsv`` -> ``results.memory.pt``."""
-    base = base_name(path)
-    return base.with_name(base.name + ".memory.pt")
-
-
-def _open_memory(job: Job, path: Path, written: Sequence[int]) -> tuple[Optional[Memory], Path]:
-    """The run's memory (loaded on resume), or None for a method that needs none. Its inputs
-    must be the first rows of the results file, whole groups: it is saved after each group's
-    rows."""
+def _open_memory(job: Job, path: Path, written: Sequence[int],
+                 shard: Optional[tuple[int, int]]) -> tuple[Optional[Memory], Path]:
+    """The run's memory (loaded on resume), or None for a method that needs none and for a
+    shard (its rows stay raw until the merge replays the memory). Its inputs must be the
+    first rows of the results file, whole groups: it is saved after each group's rows."""
     where = memory_path(path)
-    if job.method not in MEMORY_METHODS:
+    if job.method not in MEMORY_METHODS or shard is not None:
         return None, where
     memory = Memory.load(where) if where.exists() else Memory(job.args.norm)
     processed = list(memory.processed)
@@ -327,14 +324,16 @@ def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
                                            args.n0, args.n, args.alpha, args.batch, generators)
     elapsed = (time.perf_counter() - start) / len(group)
     for i, ((x, label), idx, certificate) in enumerate(zip(items, indices, certificates)):
-        answer = certificate if memory is None else memory.certify(
-            x, certificate.label, certificate.region, key=idx)
+        sigma = job.sigma if sigmas is None else float(sigmas[i])
+        row = make_row(idx, label, certificate, args.method, sigma, elapsed,
+                       RAW if args.method in MEMORY_METHODS else NO_MEMORY)
+        if memory is not None:
+            outcome = memory.certify(x, certificate.label, certificate.region, key=idx)
+            row = answered(row, outcome, memory)
         if idx in writer.done:
             continue  # certified again, with its group, for the memory and the group's rest
         if scales is not None:
             scales.append(idx, thetas[i].numpy())
-        sigma = job.sigma if sigmas is None else float(sigmas[i])
-        row = make_row(idx, label, certificate, answer, args.method, sigma, elapsed)
         writer.write(row)
         progress.update(row)
 
@@ -364,10 +363,11 @@ def _scales(job: Job, xs: torch.Tensor, indices: Sequence[int]
     return sigmas, ancer_scales.sigma
 
 
-def make_row(idx: int, label: int, certificate: Certificate, answer: Any, method: str,
-             sigma: float, elapsed: float) -> Row:
-    """The TSV row of one input: its own certificate (p_lower, vote counts) and the answer
-    given (the certificate itself, or the memory's outcome for data-dependent scales).
+def make_row(idx: int, label: int, certificate: Certificate, method: str, sigma: float,
+             elapsed: float, memory: str) -> Row:
+    """The TSV row of one input's own certificate, before any memory (``memory``: ``raw``
+    for a data-dependent method, whose answer :func:`certify.replay.answered` puts in, or
+    ``-``).
 
     ``count_a`` is the estimation votes of the class selected from the n0 draws, the count
     ``p_lower`` bounds (so a radius can be recomputed for another alpha); ``sigma`` the
@@ -377,13 +377,14 @@ def make_row(idx: int, label: int, certificate: Certificate, answer: Any, method
     top_two = np.argsort(-counts, kind="stable")[:2]
     half_width = certificate.noise.half_width_of(sigma)
     return Row(
-        idx=int(idx), label=int(label), predict=int(answer.label), radius=float(answer.radius),
+        idx=int(idx), label=int(label), predict=int(certificate.label),
+        radius=float(certificate.radius),
         time=float(elapsed), norm=certificate.norm, method=method, sigma=float(sigma),
         half_width=math.nan if half_width is None else float(half_width),
-        p_lower=float(certificate.p_lower), proxy_radius=float(answer.proxy_radius),
-        volume_radius=float(answer.volume_radius), log_volume=float(answer.log_volume),
+        p_lower=float(certificate.p_lower), proxy_radius=float(certificate.proxy_radius),
+        volume_radius=float(certificate.volume_radius), log_volume=float(certificate.log_volume),
         n0=certificate.n0, n=certificate.n, alpha=certificate.alpha,
         count_a=int(counts[selected]),
         counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
-        precision=certificate.precision,
+        precision=certificate.precision, memory=memory,
     )

@@ -4,6 +4,12 @@ Each idx appears once in the merged file. Rows of one idx found in several files
 agree on every column except ``time`` (a measurement, not a result): such duplicates
 collapse to the first; any other difference is an error. The files' headers and sidecar
 settings must agree. The merged file and its sidecar are written atomically.
+
+Shards of a data-dependent run (``dds``, ``ancer``) hold raw rows, their inputs' own
+certificates: the merge answers them through one memory pass over all the run's inputs in
+idx order (:mod:`certify.replay`), and writes beside the merged file the memory and, for
+ancer, the scales file in idx order, each atomically and before the results file, which
+so appears only once they are complete.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from ancer.errors import ArgumentError, ResultsError
+from certify.replay import MEMORY_METHODS, holds_raw_rows, memory_path, replay
 from certify.results import (ResultsTable, Sidecar, base_name, read_results, read_sidecar,
                              settings_differences, shard_path, write_atomically, write_sidecar)
+from certify.scales import read_scales, write_scales
 
 
 def find_shards(out: str | os.PathLike) -> list[Path]:
@@ -46,21 +56,25 @@ def find_shards(out: str | os.PathLike) -> list[Path]:
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What a merge did: rows written, identical duplicates collapsed, and the partial
-    last lines (a write cut by a kill) dropped from the inputs, as (file, text)."""
+    """What a merge did: rows written, identical duplicates collapsed, the partial last
+    lines (a write cut by a kill) dropped from the inputs, as (file, text), and the report
+    of the memory replayed over raw rows (None when there were none)."""
 
     out: Path
     inputs: tuple[Path, ...]
     rows: int
     collapsed: int
     dropped: tuple[tuple[Path, str], ...]
+    memory: Optional[dict[str, int]] = None
 
 
-def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> MergeResult:
+def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                  data: Optional[str | os.PathLike] = None) -> MergeResult:
     """Merge ``inputs`` into ``out``, ordered by idx, each idx once (see the module doc).
 
     ``out`` may be one of the inputs (merging into it); if it exists and is not, the merge
-    is refused rather than overwrite it.
+    is refused rather than overwrite it. ``data`` replaces the dataset path recorded in the
+    settings when raw rows are replayed and the data has moved.
     """
     inputs = tuple(Path(p) for p in inputs)
     out = Path(out)
@@ -75,6 +89,7 @@ def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -
             raise ResultsError(f"{table.path} and {tables[0].path} have different columns: "
                                "merge only files of one run")
     sidecar = _merged_sidecar(inputs)
+    raw = holds_raw_rows(tables)
     kept: dict[int, tuple[ResultsTable, int]] = {}
     collapsed = 0
     for table in tables:
@@ -84,12 +99,51 @@ def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -
                 collapsed += 1
             else:
                 kept[idx] = (table, row)
-    lines = [table.lines[row] for table, row in (kept[idx] for idx in sorted(kept))]
+    ordered = [kept[idx] for idx in sorted(kept)]
+    report = None
+    if raw:
+        lines, report = _replay_into(out, inputs, ordered, sidecar, data)
+        sidecar = Sidecar(sidecar.settings, {**sidecar.info, "memory": report})
+    else:
+        lines = [table.lines[row] for table, row in ordered]
     if sidecar is not None:
         write_sidecar(out, sidecar)
     write_atomically(out, "".join(line + "\n" for line in ["\t".join(tables[0].header), *lines]))
     dropped = tuple((t.path, t.partial_line) for t in tables if t.partial_line is not None)
-    return MergeResult(out, inputs, len(lines), collapsed, dropped)
+    return MergeResult(out, inputs, len(lines), collapsed, dropped, report)
+
+
+def _replay_into(out: Path, inputs: Sequence[Path], ordered: Sequence[tuple[ResultsTable, int]],
+                 sidecar: Optional[Sidecar], data: Optional[str | os.PathLike]
+                 ) -> tuple[list[str], dict[str, int]]:
+    """Answer the raw rows through the memory (:func:`certify.replay.replay`), save the memory
+    and the scales beside ``out``; the answered rows' lines and the memory's report."""
+    method = None if sidecar is None else sidecar.settings.get("method")
+    if method not in MEMORY_METHODS:
+        raise ResultsError(f"{inputs[0]} holds raw rows but its settings name no data-dependent "
+                           f"method (method {method!r}): its sidecar is not the run's; restore it")
+    rows = [table.row(number) for table, number in ordered]
+    scales = _scales_by_idx(inputs) if method == "ancer" else None
+    replayed = replay(rows, sidecar.settings, scales, data)
+    replayed.memory.save(memory_path(out))
+    if replayed.scales is not None:
+        write_scales(out, replayed.scales)
+    return [row.to_line().rstrip("\n") for row in replayed.rows], replayed.memory.report()
+
+
+def _scales_by_idx(inputs: Sequence[Path]) -> dict[int, Any]:
+    """The scales records of the inputs' scales files by idx; the records of an idx found in
+    several files must be equal (they are one input's scales, computed once per run)."""
+    merged: dict[int, Any] = {}
+    for path in inputs:
+        for record in read_scales(path):
+            idx = int(record["idx"])
+            if idx in merged and not np.array_equal(merged[idx]["sigma"], record["sigma"]):
+                raise ResultsError(f"idx {idx} has other scales in {path} than in an earlier "
+                                   "shard: these come from different runs; merge only shards "
+                                   "of one run")
+            merged.setdefault(idx, record)
+    return merged
 
 
 def _merged_sidecar(inputs: Sequence[Path]) -> Sidecar | None:

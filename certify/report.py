@@ -31,6 +31,9 @@ _CURVE_LABELS = {"radius": "certified accuracy",
                  "volume_radius": "certified accuracy (volume radius)"}
 _CURVE_KEYS = {"radius": "certified_accuracy", "proxy_radius": "proxy_certified_accuracy",
                "volume_radius": "volume_certified_accuracy"}
+#: the memory column's answers (its text before any ``:``), as the report counts them
+MEMORY_ANSWERS = {"kept": "kept", "shrunk": "shrunk", "override": "overridden",
+                  "abstain": "abstained", "raw": "raw (shard rows, not yet merged)"}
 _RADII_HELP = "expected start:stop:step (e.g. 0:2:0.25) or a comma-separated list (e.g. 0,0.5,1)"
 
 
@@ -80,6 +83,8 @@ class Summary:
     classifier's accuracy (predict == label); ``acr`` the average certified radius, mean of
     radius·correct; ``mean_log_volume`` the mean log-volume of the certified regions of
     correctly classified inputs (None when the file has no log-volume or no such input).
+    ``memory`` counts the memory column's answers of a data-dependent run (None for other
+    runs and files without the column).
     """
 
     name: str
@@ -90,6 +95,17 @@ class Summary:
     abstain_rate: float
     acr: float
     mean_log_volume: float | None
+    memory: dict[str, int] | None = None
+
+
+def memory_counts(table: ResultsTable) -> dict[str, int] | None:
+    """How many rows the memory kept, shrunk, overrode, made abstain, or left raw; None when
+    the file has no memory column or its run has no memory (all ``-``)."""
+    column = table.columns.get("memory")
+    answers = [] if column is None else [text.split(":", 1)[0] for text in column if text != "-"]
+    if not answers:
+        return None
+    return {answer: answers.count(answer) for answer in MEMORY_ANSWERS}
 
 
 def summarize(table: ResultsTable, radii: Sequence[float], name: str) -> Summary:
@@ -110,6 +126,7 @@ def summarize(table: ResultsTable, radii: Sequence[float], name: str) -> Summary
         acr=float(np.mean(columns["radius"] * correct)),
         mean_log_volume=(float(np.mean(log_volume[correct]))
                          if log_volume is not None and correct.any() else None),
+        memory=memory_counts(table),
     )
 
 
@@ -141,7 +158,18 @@ def report_rows(summaries: Sequence[Summary],
          [s.mean_log_volume for s in summaries]),
         ("rows", None, "inputs", [s.rows for s in summaries]),
     ]
-    return rows
+    return rows + _memory_rows(summaries)
+
+
+def _memory_rows(summaries: Sequence[Summary]) -> list[tuple[str, None, str, list[float | None]]]:
+    """The memory's counts, when some run has a memory; raw rows only when some file has
+    them."""
+    counted = [s.memory for s in summaries]
+    if not any(counted):
+        return []
+    answers = [a for a in MEMORY_ANSWERS if a != "raw" or any(c and c["raw"] for c in counted)]
+    return [(f"memory_{answer}", None, f"memory: {MEMORY_ANSWERS[answer]}",
+             [None if c is None else c[answer] for c in counted]) for answer in answers]
 
 
 def format_report(summaries: Sequence[Summary], radii: Sequence[float], fmt: str = "md") -> str:
@@ -161,7 +189,8 @@ def format_report(summaries: Sequence[Summary], radii: Sequence[float], fmt: str
         raise ArgumentError(f"--format {fmt!r}: choose md or csv")
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, _, label, values in rows:
-        shown = ["—" if v is None else f"{int(v)}" if key == "rows" else f"{v:.4f}" for v in values]
+        counts = key == "rows" or key.startswith("memory_")
+        shown = ["—" if v is None else f"{int(v)}" if counts else f"{v:.4f}" for v in values]
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,17 @@ Then ours:
   ``counts_top2``: the two classes with most votes among the n samples, as ``c:k,c:k``.
 - ``precision``: the precision the base classifier was evaluated in (``fp32``, ``bf16``...).
 
+Then, last and optional (files of earlier versions lack it, and a hand-written row may
+omit it; read as ``-``):
+
+    memory
+
+- ``memory``: what memory-based certification (``dds``, ``ancer``; DESIGN.md §3) did to the
+  input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
+  ``override:<idx>`` (decided by the earlier certificate of input ``idx``) or ``abstain``;
+  ``raw`` for a shard's row, the input's own certificate before the memory (not sound on its
+  own: ``certify merge`` replays the memory over it); ``-`` for methods without a memory.
+
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
 written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
 killed at any moment (kill -9) leaves at most a partial last line, which the reader drops
@@ -57,8 +68,10 @@ from ancer.errors import ArgumentError, ResultsError
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 COLUMNS = COHEN_COLUMNS + (
     "norm", "method", "sigma", "half_width", "p_lower", "proxy_radius", "volume_radius",
-    "log_volume", "n0", "n", "alpha", "count_a", "counts_top2", "precision",
+    "log_volume", "n0", "n", "alpha", "count_a", "counts_top2", "precision", "memory",
 )
+#: trailing columns that files of earlier versions lack, and the value read in their place
+OPTIONAL_COLUMNS = {"memory": "-"}
 ANISOTROPIC_METHODS = frozenset({"ancer"})
 ABSTAIN = -1
 SIDECAR_FORMAT = "ancer-results/1"
@@ -113,6 +126,7 @@ class Row:
     count_a: int
     counts_top2: tuple[tuple[int, int], ...]
     precision: str
+    memory: str = "-"
 
     def __post_init__(self) -> None:
         if not self.radius >= 0.0:
@@ -120,7 +134,7 @@ class Row:
         if self.predict == ABSTAIN and self.radius != 0.0:
             raise ArgumentError(f"row {self.idx}: an abstention has radius 0.0, "
                                 f"got {self.radius!r}")
-        for name in ("norm", "method", "precision"):
+        for name in ("norm", "method", "precision", "memory"):
             if re.search(r"[\t\r\n]", getattr(self, name)):
                 raise ArgumentError(f"row {self.idx}: {name} must not hold tabs or newlines")
 
@@ -162,6 +176,18 @@ class ResultsTable:
     def __len__(self) -> int:
         return len(self.lines)
 
+    def row(self, number: int) -> Row:
+        """Row ``number`` (file order) as a :class:`Row`, which writes it back unchanged; the
+        file must have our columns (optional trailing ones may be missing)."""
+        missing = [name for name in COLUMNS
+                   if name not in self.columns and name not in OPTIONAL_COLUMNS]
+        if missing:
+            raise ResultsError(f"{self.path} lacks the column {missing[0]}: only files written "
+                               "by certify can be rewritten; merge them as they are")
+        values = {name: _plain(self.columns[name][number]) for name in COLUMNS
+                  if name in self.columns and name not in ("correct", "counts_top2")}
+        return Row(**values, counts_top2=_parse_counts(self.columns["counts_top2"][number]))
+
     @property
     def anisotropic(self) -> bool:
         """Whether any row was certified with per-dimension (anisotropic) scales."""
@@ -198,7 +224,7 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
     parsers = [_PARSERS.get(name, str) for name in header]
     values: list[list[Any]] = [[] for _ in header]
     for number, line in enumerate(lines[1:], start=2):
-        fields = line.rstrip("\r").split("\t")
+        fields = _fields(line, header)
         if len(fields) != len(header):
             raise ResultsError(f"{path}, line {number}: {len(fields)} fields, the header has "
                                f"{len(header)}; the file is corrupt: repair or delete that line")
@@ -212,6 +238,27 @@ def read_results(path: str | os.PathLike) -> ResultsTable:
     columns = {name: np.array(column, dtype=_DTYPES.get(parse, object))
                for name, parse, column in zip(header, parsers, values)}
     return ResultsTable(path, header, columns, tuple(l.rstrip("\r") for l in lines[1:]), partial)
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python int or float it was parsed from; text as it is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _parse_counts(text: str) -> tuple[tuple[int, int], ...]:
+    """``counts_top2`` as written, ``c:k,c:k`` (empty when no vote was cast)."""
+    return tuple((int(c), int(k)) for c, k in (pair.split(":") for pair in text.split(",") if pair))
+
+
+def _fields(line: str, header: tuple[str, ...]) -> list[str]:
+    """The fields of a row; a row that lacks trailing optional columns (a hand-written file
+    under a full header) gets their default values, which is what such a file means."""
+    fields = line.rstrip("\r").split("\t")
+    for name in header[len(fields):]:
+        if name not in OPTIONAL_COLUMNS:
+            break
+        fields.append(OPTIONAL_COLUMNS[name])
+    return fields
 
 
 def _check_row(path: Path, number: int, row: Mapping[str, Any]) -> None:
@@ -281,6 +328,16 @@ def read_sidecar(path: str | os.PathLike) -> Sidecar | None:
     return Sidecar(document.get("settings", {}), document.get("info", {}))
 
 
+def add_sidecar_info(path: str | os.PathLike, **info: Any) -> None:
+    """Add ``info`` entries to the sidecar of results file ``path`` (atomically); the settings
+    are untouched, so resuming and merging compare the same values."""
+    sidecar = read_sidecar(path)
+    if sidecar is None:
+        raise ResultsError(f"{path} has no settings file {sidecar_path(path).name}: "
+                           "it was deleted during the run; pass a new --out")
+    write_sidecar(path, Sidecar(sidecar.settings, {**sidecar.info, **info}))
+
+
 def settings_differences(first: Mapping[str, Any],
                          second: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """The settings that differ, as (name, first value, second value); None when absent.
@@ -306,13 +363,14 @@ def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[
                            "to start another run, or the same flags to resume this one")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temp file in the same folder + os.replace,
-    so readers see either the old file or the whole new one."""
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``content`` (text, as UTF-8, or bytes) to ``path`` through a fsynced temp file in
+    the same folder + os.replace, so readers see either the old file or the whole new one."""
     descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)

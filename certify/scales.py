@@ -27,7 +27,7 @@ import numpy as np
 import numpy.lib.format as npy
 
 from ancer.errors import ResultsError
-from certify.results import base_name
+from certify.results import base_name, write_atomically
 
 
 def scales_path(path: str | os.PathLike) -> Path:
@@ -115,3 +115,23 @@ def open_scales(results: str | os.PathLike, shape: Sequence[int],
         raise ResultsError(f"{path} lacks the scales of idx {done[kept]}, which {results} "
                            "holds: the scales file was changed or deleted; pass a new --out")
     return ScalesWriter(path, dtype, kept)
+
+
+def read_scales(results: str | os.PathLike) -> np.ndarray:
+    """The records of the scales file of ``results``, as saved (a record saved just before a
+    kill, whose row was not written, included)."""
+    path = scales_path(results)
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise ResultsError(f"{path} is missing, yet {results} holds ancer rows: restore it, or "
+                           "delete both and certify those inputs again") from None
+    except ValueError as error:
+        raise ResultsError(f"{path} is not a scales file ({error}): restore it, or delete it "
+                           f"and {results} and certify those inputs again") from None
+
+
+def write_scales(results: str | os.PathLike, records: np.ndarray) -> None:
+    """Write ``records`` as the scales file of ``results`` atomically, in the layout
+    :class:`ScalesWriter` appends (so a resumed run can continue it)."""
+    write_atomically(scales_path(results), _header(records.dtype, len(records)) + records.tobytes())

@@ -232,7 +232,6 @@ BAD_ARGUMENTS = [
     (["--shard", "a/b"], "--shard"),
     (["--device", "cuda"], "cuda"),
     (["--device", "tpu"], "--device"),
-    (["--method", "ancer", "--shard", "0/2"], "cannot be sharded"),
     (["--norm", "linf"], "--norm"),
 ]
 

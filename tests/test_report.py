@@ -173,7 +173,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypat
 
 
 # {dir}: a folder holding good.tsv (the hand run), empty.tsv (header only), other.tsv (no
-# results file); the certification run's flags are checked here until its own tests exist.
+# results file). The certification run's flags are checked in test_cli_run.py.
 BAD_ARGUMENTS = [
     (["report"], "required: RESULTS.tsv"),
     (["report", "{dir}/missing.tsv"], "no such results file"),
@@ -186,18 +186,6 @@ BAD_ARGUMENTS = [
     (["report", "{dir}/good.tsv", "--plot", "{dir}/no/c.png"], "does not exist"),
     (["report", "{dir}/good.tsv", "--plot", "{dir}/c.xyz"], "unknown image type"),
     (["report", "{dir}/good.tsv", "--bogus"], "unrecognized arguments: --bogus"),
-    ([], "--model CKPT and --sigma S"),
-    (["--model", "m.pt"], "--sigma S"),
-    (["--model", "m.pt", "--sigma", "-1"], "argument --sigma: '-1' is out of range"),
-    (["--model", "m.pt", "--sigma", "x"], "argument --sigma: 'x' is not a number"),
-    (["--model", "m.pt", "--sigma", "0.5", "--alpha", "1"], "strictly between 0 and 1"),
-    (["--model", "m.pt", "--sigma", "0.5", "--n", "0"], "argument --n: '0' is out of range"),
-    (["--model", "m.pt", "--sigma", "0.5", "--n0", "1.5"], "argument --n0: '1.5' is not"),
-    (["--model", "m.pt", "--sigma", "0.5", "--shard", "2/2"], "0 <= i < k"),
-    (["--model", "m.pt", "--sigma", "0.5", "--device", "tpu"], "cpu, cuda or cuda:N"),
-    (["--model", "m.pt", "--sigma", "0.5", "--norm", "linf"], "invalid choice: 'linf'"),
-    (["--model", "m.pt", "--sigma", "0.5", "--method", "x"], "invalid choice: 'x'"),
-    (["--model", "m.pt", "--sigma", "0.5", "--precision", "int8"], "invalid choice: 'int8'"),
 ]
 
 

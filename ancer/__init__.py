@@ -14,3 +14,4 @@ from ancer.optimize import OptimizedScales, certify_with_scales, optimize_anisot
 from ancer.memory import Memory, MemoryOutcome, regions_intersect
 
 __version__ = "0.1.0"
+from ancer.train import TrainConfig, TrainResult

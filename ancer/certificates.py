@@ -194,9 +194,8 @@ class Ellipsoid(Region):
         return float(np.linalg.norm(shift + ratio * u))
 
 
-class L2Ball(Ellipsoid):
-    """l2 ball of radius R: what isotropic Gaussian smoothing certifies, R = σ Φ⁻¹(p_A)
-    (Cohen et al. 2019, Theorem 1)."""
+class _Ball:
+    """Mixin for a region whose semi-axes all equal one ``radius``."""
 
     def __init__(self, center: torch.Tensor, radius: float) -> None:
         super().__init__(center, float(radius))
@@ -204,9 +203,15 @@ class L2Ball(Ellipsoid):
 
     @property
     def log_volume(self) -> float:
+        """log vol(unit ball) + d log R, exact even where the semi-axes' sum would round."""
         if self.radius == 0.0:
             return -math.inf
         return self._log_unit_ball(self.dim) + self.dim * math.log(self.radius)
+
+
+class L2Ball(_Ball, Ellipsoid):
+    """l2 ball of radius R: what isotropic Gaussian smoothing certifies, R = σ Φ⁻¹(p_A)
+    (Cohen et al. 2019, Theorem 1)."""
 
 
 class CrossPolytope(Region):
@@ -232,19 +237,9 @@ class CrossPolytope(Region):
         return float(np.abs(shift).sum() + ratio.max())
 
 
-class L1Ball(CrossPolytope):
+class L1Ball(_Ball, CrossPolytope):
     """l1 ball of radius R: what isotropic uniform smoothing U[-λ, λ]^d certifies,
     R = 2 λ (p_A - 1/2) (Yang et al. 2020)."""
-
-    def __init__(self, center: torch.Tensor, radius: float) -> None:
-        super().__init__(center, float(radius))
-        self.radius = float(radius)
-
-    @property
-    def log_volume(self) -> float:
-        if self.radius == 0.0:
-            return -math.inf
-        return self._log_unit_ball(self.dim) + self.dim * math.log(self.radius)
 
 
 _anisotropic_class = {"l2": Ellipsoid, "l1": CrossPolytope}

@@ -180,7 +180,7 @@ def run_model(model_name, device, args, configs) -> Dict[str, object]:
     note = (f"n0={n0}, n={n} draws per input ({inputs} input(s), best of {repeats}); "
             f"forward ceiling {ceiling:.0f} draws/s")
     if n < TARGET_N:
-        note += f"; n is reduced from 100,000 on this device, so the n=100k column is projected"
+        note += "; n is reduced from 100,000 on this device, so the n=100k column is projected"
     return {"model": model_name, "input_shape": list(shape), "n0": n0, "n": n, "inputs": inputs,
             "repeats": repeats, "forward_ceiling_per_second": ceiling, "note": note, "rows": rows}
 

@@ -1,0 +1,90 @@
+"""Make the model and the test images that ship in ``certify/assets/``.
+
+1. Unzip the CIFAR-10 training JPEGs (``cifar10/cifar10-train-jpeg.zip`` of the shared
+   data folder, ``train/<class>/<NNNN>.jpg``, classes in CIFAR-10's label order) to a
+   temporary folder.
+2. Train a CIFAR ResNet-20 with Gaussian data augmentation at sigma = 0.25 (Cohen et al.
+   2019) through ``certify train`` (``--dataset folder --preload``: the images are decoded
+   once into memory), cosine schedule, checkpointing every epoch into ``--work``; rerunning
+   the script resumes an interrupted run.
+3. Write ``certify/assets/cifar10_resnet20_sigma0.25.pth.tar`` (the checkpoint in Cohen et
+   al.'s format without the optimizer state) and ``certify/assets/cifar10_test_sample.npz``:
+   the first 100 official CIFAR-10 test images with exact pixels
+   (``cifar10/cifar10-test-exact-first100.npz``; ``x`` uint8 100×32×32×3, ``y`` int64).
+
+The shipped assets were made with this command on a 2-core CPU shared with other jobs (31
+minutes of wall time: 4.5 to unzip and decode the images, 27 to train 4 epochs), from the
+repository's root after ``pip install -e .`` (or with ``PYTHONPATH=.``)::
+
+    python3 scripts/make_demo_assets.py --data ../shared/data --work /tmp/ancer-demo \\
+        --epochs 4 --threads 2
+
+which runs ``certify train --arch cifar_resnet20 --dataset folder --data <unzipped>/train
+--preload --sigma 0.25 --epochs 4 --batch-size 128 --lr 0.1 --schedule cosine
+--weight-decay 5e-4 --seed 0 --threads 2 --resume --out /tmp/ancer-demo/<ckpt>``.
+"""
+import argparse
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ancer.data import load_dataset
+from ancer.train import save_checkpoint
+from certify.cli import main as certify_main
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "certify" / "assets"
+CHECKPOINT = "cifar10_resnet20_sigma0.25.pth.tar"
+SAMPLE = "cifar10_test_sample.npz"
+SHIPPED_KEYS = ("arch", "state_dict", "epoch", "sigma", "noise", "dataset", "num_classes",
+                "config", "history")
+
+
+def train_model(data: Path, work: Path, epochs: int, threads: int) -> Path:
+    """Train (or resume training) the ResNet-20 on the training JPEGs; its checkpoint."""
+    checkpoint = work / CHECKPOINT
+    with tempfile.TemporaryDirectory(prefix="cifar10-train-") as tmp:
+        with zipfile.ZipFile(data / "cifar10" / "cifar10-train-jpeg.zip") as archive:
+            archive.extractall(tmp)
+        args = [
+            "--arch", "cifar_resnet20", "--dataset", "folder", "--data", str(Path(tmp) / "train"),
+            "--preload", "--sigma", "0.25", "--epochs", str(epochs), "--batch-size", "128",
+            "--lr", "0.1", "--schedule", "cosine", "--weight-decay", "5e-4", "--seed", "0",
+            "--threads", str(threads), "--resume", "--out", str(checkpoint),
+        ]
+        print("certify train " + " ".join(args), flush=True)
+        if certify_main(["train", *args]) != 0:
+            raise SystemExit("certify train failed (see the error above)")
+    return checkpoint
+
+
+def write_assets(data: Path, checkpoint: Path) -> None:
+    """Copy the checkpoint without its optimizer state, and the exact test sample."""
+    ASSETS.mkdir(exist_ok=True)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    save_checkpoint(ASSETS / CHECKPOINT, {key: saved[key] for key in SHIPPED_KEYS})
+    sample = load_dataset("npz", data / "cifar10" / "cifar10-test-exact-first100.npz", num_classes=10)
+    x = sample.images.permute(0, 2, 3, 1).contiguous().numpy()
+    np.savez_compressed(ASSETS / SAMPLE, x=x, y=sample.labels.numpy())
+    for name in (CHECKPOINT, SAMPLE):
+        print(f"wrote {ASSETS / name} ({(ASSETS / name).stat().st_size} bytes)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
+                        help="the shared data folder (holding cifar10/)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ancer-demo"),
+                        help="where the full training checkpoint is kept")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    write_assets(args.data, train_model(args.data, args.work, args.epochs, args.threads))
+
+
+if __name__ == "__main__":
+    main()

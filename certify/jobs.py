@@ -370,7 +370,8 @@ def make_row(idx: int, label: int, certificate: Certificate, method: str, sigma:
     ``-``).
 
     ``count_a`` is the estimation votes of the class selected from the n0 draws, the count
-    ``p_lower`` bounds (so a radius can be recomputed for another alpha); ``sigma`` the
+    ``p_lower`` bounds (so a radius can be recomputed for another alpha); ``count_label`` the
+    votes for the true label (the base classifier's accuracy under noise); ``sigma`` the
     isotropic σ (ancer: its starting θ0)."""
     counts = certificate.counts
     selected = int(np.argmax(certificate.selection_counts))
@@ -386,5 +387,5 @@ def make_row(idx: int, label: int, certificate: Certificate, method: str, sigma:
         n0=certificate.n0, n=certificate.n, alpha=certificate.alpha,
         count_a=int(counts[selected]),
         counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
-        precision=certificate.precision, memory=memory,
+        precision=certificate.precision, memory=memory, count_label=int(counts[label]),
     )

@@ -84,7 +84,8 @@ class Summary:
     radius·correct; ``mean_log_volume`` the mean log-volume of the certified regions of
     correctly classified inputs (None when the file has no log-volume or no such input).
     ``memory`` counts the memory column's answers of a data-dependent run (None for other
-    runs and files without the column).
+    runs and files without the column). ``noisy_accuracy`` is the base classifier's accuracy
+    under the smoothing noise, Σ count_label / Σ n over the rows (None when not recorded).
     """
 
     name: str
@@ -92,6 +93,7 @@ class Summary:
     anisotropic: bool
     curves: dict[str, np.ndarray]
     clean_accuracy: float
+    noisy_accuracy: float | None
     abstain_rate: float
     acr: float
     mean_log_volume: float | None
@@ -122,12 +124,22 @@ def summarize(table: ResultsTable, radii: Sequence[float], name: str) -> Summary
         anisotropic=table.anisotropic,
         curves={c: certified_accuracy(table, radii, c) for c in CURVE_COLUMNS if c in columns},
         clean_accuracy=float(np.mean(columns["predict"] == columns["label"])),
+        noisy_accuracy=noisy_accuracy(table),
         abstain_rate=float(np.mean(columns["predict"] == ABSTAIN)),
         acr=float(np.mean(columns["radius"] * correct)),
         mean_log_volume=(float(np.mean(log_volume[correct]))
                          if log_volume is not None and correct.any() else None),
         memory=memory_counts(table),
     )
+
+
+def noisy_accuracy(table: ResultsTable) -> float | None:
+    """The base classifier's accuracy under noise: the fraction of all n draws that voted for
+    the true label; None unless every row recorded ``count_label``."""
+    votes = table.columns.get("count_label")
+    if votes is None or (votes < 0).any():
+        return None
+    return float(votes.sum() / table.columns["n"].sum())
 
 
 def run_names(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -151,8 +163,11 @@ def report_rows(summaries: Sequence[Summary],
             values = [float(s.curves[column][i]) if column in s.curves else None for s in summaries]
             rows.append((_CURVE_KEYS[column], r, f"{_CURVE_LABELS[column]} @ r = {r:g}", values))
     rows += [
-        ("clean_accuracy", None, "clean accuracy", [s.clean_accuracy for s in summaries]),
+        ("clean_accuracy", None, "smoothed classifier's accuracy (abstain = wrong)",
+         [s.clean_accuracy for s in summaries]),
         ("abstain_rate", None, "abstain rate", [s.abstain_rate for s in summaries]),
+        ("noisy_accuracy", None, "base classifier's accuracy under noise",
+         [s.noisy_accuracy for s in summaries]),
         ("acr", None, "average certified radius (ACR)", [s.acr for s in summaries]),
         ("mean_log_volume", None, "mean log-volume (certified, correct)",
          [s.mean_log_volume for s in summaries]),

@@ -27,16 +27,18 @@ Then ours:
   ``counts_top2``: the two classes with most votes among the n samples, as ``c:k,c:k``.
 - ``precision``: the precision the base classifier was evaluated in (``fp32``, ``bf16``...).
 
-Then, last and optional (files of earlier versions lack it, and a hand-written row may
-omit it; read as ``-``):
+Then, last and optional (files of earlier versions lack them, and a hand-written row may
+omit them; read as ``-`` and -1):
 
-    memory
+    memory count_label
 
 - ``memory``: what memory-based certification (``dds``, ``ancer``; DESIGN.md §3) did to the
   input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
   ``override:<idx>`` (decided by the earlier certificate of input ``idx``) or ``abstain``;
   ``raw`` for a shard's row, the input's own certificate before the memory (not sound on its
   own: ``certify merge`` replays the memory over it); ``-`` for methods without a memory.
+- ``count_label``: votes for the true label among the n samples, so that count_label / n is
+  the base classifier's accuracy under noise on that input (-1: not recorded).
 
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
 written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
@@ -69,9 +71,10 @@ COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 COLUMNS = COHEN_COLUMNS + (
     "norm", "method", "sigma", "half_width", "p_lower", "proxy_radius", "volume_radius",
     "log_volume", "n0", "n", "alpha", "count_a", "counts_top2", "precision", "memory",
+    "count_label",
 )
 #: trailing columns that files of earlier versions lack, and the value read in their place
-OPTIONAL_COLUMNS = {"memory": "-"}
+OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1"}
 ANISOTROPIC_METHODS = frozenset({"ancer"})
 ABSTAIN = -1
 SIDECAR_FORMAT = "ancer-results/1"
@@ -95,7 +98,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "idx": int, "label": int, "predict": int, "radius": float, "correct": int,
     "time": parse_time, "sigma": float, "half_width": float, "p_lower": float,
     "proxy_radius": float, "volume_radius": float, "log_volume": float, "n0": int, "n": int,
-    "alpha": float, "count_a": int,
+    "alpha": float, "count_a": int, "count_label": int,
 }
 _DTYPES = {int: np.int64, float: np.float64, parse_time: np.float64}
 
@@ -127,6 +130,7 @@ class Row:
     counts_top2: tuple[tuple[int, int], ...]
     precision: str
     memory: str = "-"
+    count_label: int = -1
 
     def __post_init__(self) -> None:
         if not self.radius >= 0.0:

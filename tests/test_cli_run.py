@@ -279,5 +279,6 @@ def test_demo_runs_on_the_shipped_assets(tmp_path, capsys):
     out = tmp_path / "demo.tsv"
     assert certify("--demo", "--max", "3", "--n", "100", "--quiet", "--out", str(out)) == 0
     printed = capsys.readouterr().out
-    assert "certified accuracy @ r = 0" in printed and "clean accuracy" in printed
+    assert "certified accuracy @ r = 0" in printed and "smoothed classifier's accuracy" in printed
+    assert "base classifier's accuracy under noise" in printed
     assert len(read_results(out)) == 3

@@ -227,3 +227,18 @@ def test_cohen_published_curve():
     assert summary.rows == 500
     assert summary.curves["radius"].tolist() == pytest.approx([0.748, 0.600, 0.428, 0.266])
     assert [round(v, 2) for v in summary.curves["radius"]] == [0.75, 0.60, 0.43, 0.27]
+
+
+def test_noisy_accuracy_is_the_share_of_all_draws_that_voted_for_the_label(tmp_path):
+    # Two rows of n = 1000 and 500 draws whose true labels got 900 and 100 votes.
+    lines = ["\t".join(COLUMNS)]
+    for idx, n, votes in [(0, 1000, 900), (1, 500, 100)]:
+        lines.append("\t".join(map(str, [
+            idx, 1, 1, 0.5, 1, 2.5, "l2", "isotropic", 0.25, "nan", 0.9, 0.5, 0.5, -10.0,
+            100, n, 0.001, votes, f"1:{votes}", "fp32", "-", votes])))
+    path = tmp_path / "noisy.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    summary = summarize(read_results(path), [0.0], "noisy")
+    assert summary.noisy_accuracy == pytest.approx((900 + 100) / 1500)
+    # Files that do not record the votes for the label (Cohen's, older ones) report none.
+    assert summarize(read_results(write_hand_tsv(tmp_path / "hand.tsv")), [0.0], "h").noisy_accuracy is None

@@ -15,7 +15,7 @@ from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import registry
 from ancer.noise import Gaussian
 from ancer.train import TrainConfig, learning_rate, noisy_loss, preload, save_checkpoint, train
-from certify import train_cli
+from certify.cli import main as certify_main
 
 ASSETS = Path(__file__).resolve().parents[1] / "certify" / "assets"
 TINY = "tiny_test_net"
@@ -209,10 +209,12 @@ def test_certify_train_command(tmp_path, capsys):
     args = ["--arch", TINY, "--dataset", "npz", "--data", str(tmp_path / "d.npz"),
             "--sigma", "0.5", "--noise", "uniform", "--epochs", "2", "--batch-size", "16",
             "--schedule", "cosine", "--preload", "--out", str(tmp_path / "m.pth.tar")]
-    assert train_cli.main(args) == 0
+    assert certify_main(["train", *args]) == 0
     assert "trained tiny_test_net for 2 epochs" in capsys.readouterr().out
     assert load_model(tmp_path / "m.pth.tar").sigma == 0.5
-    assert train_cli.main(args + ["--resume", "--epochs", "3", "--quiet"]) == 0
+    assert certify_main(["train", *args, "--resume", "--epochs", "3", "--quiet"]) == 0
+    assert certify_main(["train", *args, "--sigma", "-1"]) == 2  # one-line error, no traceback
+    assert "certify: error:" in capsys.readouterr().err
     assert torch.load(tmp_path / "m.pth.tar", weights_only=True)["epoch"] == 3
 
 

@@ -25,9 +25,9 @@ from ancer.optimize import certify_with_scales, optimize_anisotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Smoothed
 from certify import demo
-from certify.cli import main
 from certify.results import read_results
 from certify.scales import scales_path
+from cli_helpers import certify, rows_without_time
 
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 24
@@ -69,16 +69,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def base_args(files, out: Path, *more: str) -> list[str]:
     return ["--model", str(files["model"]), "--data", str(files["data"]), "--sigma", "0.25",
             "--n0", "50", "--n", "200", "--batch", "200", "--quiet", "--out", str(out), *more]
-
-
-def certify(*argv: str) -> int:
-    return main(list(argv))
-
-
-def rows_without_time(path: Path) -> list[tuple[str, ...]]:
-    table = read_results(path)
-    keep = [i for i, name in enumerate(table.header) if name != "time"]
-    return [tuple(line.split("\t")[i] for i in keep) for line in table.lines]
 
 
 ANCER_OPTIONS = ("--method", "ancer", "--opt-iterations", "4", "--opt-samples", "16",

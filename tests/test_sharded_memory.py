@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from ancer.memory import Memory
-from certify.cli import main
 from certify.replay import memory_path
 from certify.report import memory_counts
 from certify.results import COLUMNS, Row, read_results, read_sidecar
 from certify.scales import scales_path
+from cli_helpers import certify, rows_without_time
 
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 12
@@ -64,16 +64,6 @@ def run_args(files, out: Path, method: str, *more: str) -> list[str]:
     return ["--model", str(files["model"]), "--data", str(files["data"]), "--sigma", "0.25",
             "--n0", "50", "--n", "200", "--batch", "200", "--inputs-per-batch", "3",
             "--device", "cpu", "--quiet", "--out", str(out), *OPTIONS[method], *more]
-
-
-def certify(*argv: str) -> int:
-    return main(list(argv))
-
-
-def rows_without_time(path: Path) -> list[tuple[str, ...]]:
-    table = read_results(path)
-    keep = [i for i, name in enumerate(table.header) if name != "time"]
-    return [tuple(line.split("\t")[i] for i in keep) for line in table.lines]
 
 
 @pytest.fixture(scope="module")

@@ -309,6 +309,19 @@ def _read_synsets(synsets: Union[PathLike, Sequence[str]]) -> List[str]:
     return names
 
 
+#: names of a synset list that the ImageNet reader finds by itself in or beside the folder
+_SYNSET_FILES = ("synsets.txt", "LOC_synset_mapping.txt")
+
+
+def _synset_file_beside(folder: Path) -> Optional[Path]:
+    """The first synset list found in ``folder`` or its parent, if any."""
+    for place in (folder, folder.parent):
+        for name in _SYNSET_FILES:
+            if (place / name).is_file():
+                return place / name
+    return None
+
+
 def imagenet(
     root: PathLike, split: str = "test", synsets: Optional[Union[PathLike, Sequence[str]]] = None
 ) -> ImageFileDataset:
@@ -317,8 +330,9 @@ def imagenet(
     ``root`` is the folder of synset folders or its parent holding ``val/`` (``split``
     ``"test"`` or ``"val"``) or ``train/``. Labels are positions in ``synsets`` (a path to
     a file whose lines start with a synset, like ``synsets.txt`` or
-    ``LOC_synset_mapping.txt``, or a list); without it the folder must hold all 1000
-    classes, numbered in sorted order as torchvision's ``ImageFolder`` does. Items are in
+    ``LOC_synset_mapping.txt``, or a list), by default such a file found in the folder or
+    beside it; without one the folder must hold all 1000 classes, numbered in sorted order as
+    torchvision's ``ImageFolder`` does. Items are in
     class order, then file-name order, resized and center-cropped to 3×224×224.
     """
     if split not in ("test", "val", "train"):
@@ -333,11 +347,14 @@ def imagenet(
             f"(n01440764/*.JPEG, ...) in it or in {sub.name}/; found: {_listing(folder)}"
         )
     if synsets is None:
+        synsets = _synset_file_beside(folder)
+    if synsets is None:
         if len(dirs) != 1000:
             raise DatasetError(
                 f"{str(folder)!r} holds {len(dirs)} of ImageNet's 1000 classes, so numbering "
-                "the folders present would give wrong labels; pass synsets= (a synsets.txt "
-                "listing all 1000 synsets in order, or a list)"
+                "the folders present would give wrong labels; give the list of all 1000 "
+                "synsets in label order (certify --synsets FILE, or synsets= in Python), or "
+                f"put it beside the folder as one of {', '.join(_SYNSET_FILES)}"
             )
         order = [d.name for d in dirs]
     else:

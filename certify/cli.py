@@ -92,6 +92,10 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
     what.add_argument("--data", metavar="DIR", help="where the dataset lies on disk")
+    what.add_argument("--synsets", metavar="FILE",
+                      help="ImageNet: the list of all 1000 synsets in label order (default: "
+                           "synsets.txt or LOC_synset_mapping.txt in or beside --data; needed "
+                           "when the folder holds fewer than 1000 classes)")
     what.add_argument("--skip", type=_positive_int, default=1, metavar="K",
                       help="certify every K-th input (Cohen et al. use 20 on CIFAR-10; default 1)")
     what.add_argument("--max", type=_positive_int, metavar="N",

@@ -162,7 +162,7 @@ def prepare(args: argparse.Namespace, launch: Launch) -> Job:
         raise ArgumentError(f"{args.model} records no training noise level: give --sigma S "
                             "(e.g. --sigma 0.25)")
     kind = _dataset_kind(args, loaded)
-    extra = {"num_classes": loaded.num_classes} if kind == "npz" else {}
+    extra = dataset_options(kind, loaded.num_classes, args.synsets)
     dataset = load_dataset(kind, args.data, skip=args.skip, max=args.max, **extra)
     if len(dataset) == 0:
         raise DatasetError(f"--data {args.data} with --skip {args.skip} --max {args.max} "
@@ -175,7 +175,7 @@ def prepare(args: argparse.Namespace, launch: Launch) -> Job:
     optimizer = Optimizer.from_args(args) if args.method in MEMORY_METHODS else None
     settings = {
         "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
-        "data": str(Path(args.data).resolve()), "norm": args.norm, "method": args.method,
+        "data": str(Path(args.data).resolve()), **extra, "norm": args.norm, "method": args.method,
         "sigma": float(sigma), "half_width": noise.half_width_of(float(sigma)),
         "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch": args.batch,
         "skip": args.skip, "max": args.max, "precision": args.precision, "seed": args.seed,
@@ -361,6 +361,16 @@ def _scales(job: Job, xs: torch.Tensor, indices: Sequence[int]
     ancer_scales = optimize_anisotropic(model, xs, sigmas, args.norm, options.iterations,
                                         options.lr, options.samples, options.kappa, **common)
     return sigmas, ancer_scales.sigma
+
+
+def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict[str, Any]:
+    """The reader's options beyond the path, as recorded in the settings: the model's number
+    of classes for an npz file, the synset list (absolute path) for ImageNet."""
+    if kind == "npz":
+        return {"num_classes": num_classes}
+    if kind == "imagenet" and synsets is not None:
+        return {"synsets": str(Path(synsets).resolve())}
+    return {}
 
 
 def make_row(idx: int, label: int, certificate: Certificate, method: str, sigma: float,

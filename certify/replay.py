@@ -100,15 +100,17 @@ def holds_raw_rows(tables: Sequence[ResultsTable]) -> bool:
 
 def load_inputs(settings: Mapping[str, object], data: Optional[str | os.PathLike] = None
                 ) -> ImageDataset:
-    """The run's inputs, as its settings select them (dataset kind, path, skip, max); ``data``
-    replaces a dataset path that moved."""
+    """The run's inputs, as its settings select them (dataset kind, path, skip, max, and the
+    reader's options: npz's number of classes, ImageNet's synset list); ``data`` replaces a
+    dataset path that moved."""
     where = Path(data if data is not None else str(settings["data"]))
     if not where.exists():
         raise DatasetError(f"replaying the memory needs the run's inputs, but {where} is gone: "
                            "restore the data there, or give its new place with "
                            "'certify merge --data PATH'")
+    options = {key: settings[key] for key in ("num_classes", "synsets") if key in settings}
     return load_dataset(str(settings["dataset"]), where, skip=int(settings["skip"]),
-                        max=settings["max"])
+                        max=settings["max"], **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,10 +150,18 @@ def test_imagenet_reader_decodes_with_full_synset_labels(imagenet_val, tmp_path)
 
 
 def test_imagenet_without_synset_list_refuses_partial_folder(imagenet_val):
-    with pytest.raises(DatasetError, match="holds 2 of ImageNet's 1000 classes.*synsets="):
+    with pytest.raises(DatasetError, match="holds 2 of ImageNet's 1000 classes.*--synsets FILE"):
         load_dataset("imagenet", imagenet_val)
     with pytest.raises(DatasetError, match="not in the synset list: n01491361"):
         load_dataset("imagenet", imagenet_val, synsets=SYNSETS[:2])
+
+
+@pytest.mark.parametrize("name", ["synsets.txt", "LOC_synset_mapping.txt"])
+@pytest.mark.parametrize("where", ["val", "."])
+def test_imagenet_finds_a_synset_list_in_or_beside_the_folder(imagenet_val, name, where):
+    (imagenet_val / where / name).write_text("".join(f"{s} name {i}\n" for i, s in enumerate(SYNSETS)))
+    ds = load_dataset("imagenet", imagenet_val / "val", split="val")
+    assert ds.num_classes == 5 and [ds[i][1] for i in range(3)] == [1, 1, 3]
 
 
 def test_imagenet_wrong_layout(tmp_path):

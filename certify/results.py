@@ -426,8 +426,8 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
                  info: Mapping[str, Any] | None = None) -> ResultsWriter:
     """Open ``path`` to write a run's rows, starting it or resuming it.
 
-    A new file (or one killed before its header was complete) gets the sidecar and the
-    header. An existing one must have a sidecar whose settings equal ``settings``
+    A new file (or one killed before its header was complete) gets its folder, the sidecar
+    and the header. An existing one must have a sidecar whose settings equal ``settings``
     (else ResultsError naming the differences) and our columns; a partial last line left
     by a kill is truncated, and the writer's ``done`` holds the indices to skip.
     """
@@ -435,6 +435,11 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
     size = path.stat().st_size if path.exists() else 0
     complete = path.read_bytes().rfind(b"\n") + 1 if size else 0  # bytes up to the last newline
     if not complete:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ResultsError(f"cannot create the folder of {path} ({error.strerror}): "
+                               "pass an --out in a folder you can write") from None
         write_sidecar(path, Sidecar(dict(settings), dict(info or {})))
         write_atomically(path, "\t".join(COLUMNS) + "\n")
         return ResultsWriter(path, set(), None)

@@ -12,16 +12,20 @@
    the first 100 official CIFAR-10 test images with exact pixels
    (``cifar10/cifar10-test-exact-first100.npz``; ``x`` uint8 100×32×32×3, ``y`` int64).
 
-The shipped assets were made with this command on a 2-core CPU shared with other jobs (31
-minutes of wall time: 4.5 to unzip and decode the images, 27 to train 4 epochs), from the
-repository's root after ``pip install -e .`` (or with ``PYTHONPATH=.``)::
+The shipped assets were made with this command on a 2-core CPU (about 28 minutes of wall
+time, nearly all of it the 10 epochs, 1.7 to 5.5 minutes each depending on what else the
+machine ran), from the repository's root after
+``pip install -e .`` (or with ``PYTHONPATH=.``)::
 
-    python3 scripts/make_demo_assets.py --data ../shared/data --work /tmp/ancer-demo \\
-        --epochs 4 --threads 2
+    python3 scripts/make_demo_assets.py --data ../shared/data --work /tmp/ancer-demo10 \\
+        --epochs 10 --threads 2
 
 which runs ``certify train --arch cifar_resnet20 --dataset folder --data <unzipped>/train
---preload --sigma 0.25 --epochs 4 --batch-size 128 --lr 0.1 --schedule cosine
---weight-decay 5e-4 --seed 0 --threads 2 --resume --out /tmp/ancer-demo/<ckpt>``.
+--preload --sigma 0.25 --epochs 10 --batch-size 128 --lr 0.1 --schedule cosine
+--weight-decay 5e-4 --seed 0 --threads 2 --resume --out /tmp/ancer-demo10/<ckpt>``. The
+model ends at 0.698 accuracy under noise on the training images; on the 100 shipped test
+images, smoothed at n0 = 100, n = 1000, alpha = 0.001, its certified accuracy is 0.77 /
+0.59 / 0.32 at l2 radius 0 / 0.25 / 0.5.
 """
 import argparse
 import tempfile
@@ -79,7 +83,7 @@ def main() -> None:
                         help="the shared data folder (holding cifar10/)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ancer-demo"),
                         help="where the full training checkpoint is kept")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,16 @@ def test_partial_last_line_is_dropped_and_reported(tmp_path):
     assert done_indices(out) == {0, 1}
 
 
+def test_a_new_run_creates_the_folder_of_its_results(tmp_path):
+    out = tmp_path / "runs" / "r110" / "results.tsv"
+    with open_results(out, SETTINGS) as writer:
+        writer.write(make_row(0))
+    assert read_results(out).columns["idx"].tolist() == [0]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ResultsError, match="cannot create the folder"):
+        open_results(tmp_path / "file" / "results.tsv", SETTINGS)
+
+
 def test_resume_truncates_the_partial_line_and_appends(tmp_path):
     out = tmp_path / "results.tsv"
     with open_results(out, SETTINGS) as writer:

@@ -140,6 +140,12 @@ def run_parser() -> argparse.ArgumentParser:
     compute.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                          help="evaluate the model in this precision; the certificate is about "
                               "the model as evaluated (default fp32)")
+    compute.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                         help="torch.compile the model: auto = on CUDA only; a model that "
+                              "fails to compile runs eagerly, with a warning (default auto)")
+    compute.add_argument("--cuda-graphs", action="store_true",
+                         help="CUDA: replay each full forward batch from a recorded CUDA "
+                              "graph (less launch overhead; ignored, with a warning, on the CPU)")
     compute.add_argument("--device", type=_device,
                          help="cpu, cuda or cuda:N (default: cuda if available)")
     compute.add_argument("--seed", type=_int, default=0,

@@ -171,7 +171,8 @@ def prepare(args: argparse.Namespace, launch: Launch) -> Job:
         raise ArgumentError(f"the dataset has {dataset.num_classes} classes but the model "
                             f"outputs {loaded.num_classes}: check --model and --data")
     noise = noise_for_norm(args.norm, sigma)
-    smoothed = Smoothed(loaded.model, noise, loaded.num_classes, precision=args.precision)
+    smoothed = Smoothed(loaded.model, noise, loaded.num_classes, precision=args.precision,
+                        compile=COMPILE[args.compile], cuda_graphs=args.cuda_graphs)
     optimizer = Optimizer.from_args(args) if args.method in MEMORY_METHODS else None
     settings = {
         "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
@@ -191,6 +192,8 @@ def prepare(args: argparse.Namespace, launch: Launch) -> Job:
         "command": sys.argv, "device": _device_name(device), "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rank": launch.rank,
         "world_size": launch.world_size,
+        # how the forward pass was run: results agree at float rounding, so not a setting
+        "acceleration": {"compile": args.compile, "cuda_graphs": args.cuda_graphs},
     }
     return Job(args, loaded, dataset, smoothed, device, float(sigma), optimizer, settings, info)
 
@@ -361,6 +364,10 @@ def _scales(job: Job, xs: torch.Tensor, indices: Sequence[int]
     ancer_scales = optimize_anisotropic(model, xs, sigmas, args.norm, options.iterations,
                                         options.lr, options.samples, options.kappa, **common)
     return sigmas, ancer_scales.sigma
+
+
+#: --compile's choices as ``Smoothed``'s ``compile`` argument
+COMPILE = {"auto": "auto", "on": True, "off": False}
 
 
 def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ labels are that channel, a few images made ambiguous so that some inputs abstain
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from ancer.optimize import certify_with_scales, optimize_anisotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Smoothed
 from certify import demo
-from certify.results import read_results
+from certify.results import read_results, sidecar_path
 from certify.scales import scales_path
 from cli_helpers import certify, rows_without_time
 
@@ -100,6 +101,16 @@ def test_isotropic_rows_match_the_python_api(files, reference):
         assert table.columns["label"][row] == data["y"][idx]
         assert table.columns["precision"][row] == "fp32"
     assert (table.columns["predict"] == -1).any() and (table.columns["predict"] >= 0).any()
+
+
+@pytest.mark.filterwarnings("ignore::ancer.accelerate.AccelerationWarning")
+def test_acceleration_flags_leave_the_rows_unchanged(files, reference, tmp_path):
+    out = tmp_path / "accelerated.tsv"
+    # on the CPU --cuda-graphs is ignored with a warning (test_speed_equivalence compiles)
+    assert certify(*base_args(files, out, "--compile", "off", "--cuda-graphs")) == 0
+    assert rows_without_time(out) == rows_without_time(reference["isotropic"])
+    info = json.loads(sidecar_path(out).read_text())["info"]
+    assert info["acceleration"] == {"compile": "off", "cuda_graphs": True}
 
 
 def test_l1_dds_run_writes_per_input_sigma(files, tmp_path):

@@ -50,6 +50,13 @@ class AccelerationWarning(UserWarning):
     """An acceleration was asked for but is unavailable; evaluation goes on without it."""
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` must be one of ``PRECISIONS``: "fp32", "bf16" or "fp16"."""
+    if precision not in PRECISIONS:
+        raise ArgumentError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def check_compile(compile: Compile) -> Compile:
     """``compile`` must be True, False or "auto"."""
     if compile not in (True, False, "auto"):
@@ -120,8 +127,7 @@ class BatchRunner:
         cuda_graphs: bool = False,
         pad_batches: Optional[bool] = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ArgumentError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         compile = check_compile(compile)
         self.model = model
         self.num_classes = num_classes

@@ -52,9 +52,7 @@ Decisions carry a relative margin of 1e-9 on the side of intersection.
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -64,6 +62,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from ancer.certificates import L1Ball, L2Ball, Region, make_region
+from ancer.atomic import save_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.smoothing import ABSTAIN
 
@@ -398,17 +397,7 @@ class Memory:
             "processed": list(self.processed),
             "counts": dict(self.counts),
         }
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(state, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        save_atomically(path, state)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Memory":

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from ancer.errors import ArgumentError
 from ancer.noise import NOISES, Noise
 from ancer.seeding import derive_seed, make_generator
-from ancer.smoothing import Certificate, ProgressCallback, Smoothed
+from ancer.smoothing import Certificate, ProgressCallback, Smoothed, model_device, model_dtype
 from ancer.stats import check_count
 
 #: what the model returns: raw scores (softmax applied), probabilities, or log-probabilities
@@ -266,8 +266,8 @@ class _Problem:
         iterations = check_count("iterations", iterations)
         samples = check_count("samples", samples)
         max_batch = check_count("max_batch", max_batch)
-        device = _device_of(model)
-        xs = _check_inputs(xs).to(device=device, dtype=_dtype_of(model))
+        device = model_device(model)
+        xs = _check_inputs(xs).to(device=device, dtype=model_dtype(model))
         scale = _initial_scales(scale0, len(xs))
         shape = (len(xs), *xs.shape[1:]) if per_dimension else (len(xs),)
         theta = scale.view(-1, *[1] * (len(shape) - 1)).expand(shape).to(device).clone()
@@ -418,16 +418,3 @@ def _generators(batch: int, device: torch.device, seed: int, indices: Optional[S
     if len(indices) != batch:
         raise ArgumentError(f"got {len(indices)} indices for {batch} inputs; give one per input")
     return [make_generator(derive_seed(seed, "optimize", int(index)), device) for index in indices]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ancer.accelerate import PRECISIONS, BatchRunner, Compile, check_compile
+from ancer.accelerate import BatchRunner, Compile, check_compile, check_precision
 from ancer.certificates import Region
 from ancer.errors import ArgumentError
 from ancer.folding import fold_batchnorm, has_batchnorm
@@ -99,14 +99,16 @@ class Certificate:
         return float("-inf") if self.region is None else self.region.log_volume
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
     for parameter in model.parameters():
         if parameter.is_floating_point():
             return parameter.dtype
     return torch.float32
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU if it has none)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -183,20 +185,19 @@ class Smoothed:
     ) -> None:
         if not isinstance(noise, Noise):
             raise ArgumentError(f"noise must be an ancer.noise.Noise (Gaussian or Uniform), got {noise!r}")
-        if precision not in PRECISIONS:
-            raise ArgumentError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         check_compile(compile)
         self.num_classes = check_count("num_classes", num_classes, minimum=2)
         self.noise = noise
         self.precision = precision
         self.channels_last = bool(channels_last)
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         if fold_bn and has_batchnorm(model):
             model = fold_batchnorm(model)
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.dtype = _model_dtype(self.model)
+        self.dtype = model_dtype(self.model)
         self.runner = BatchRunner(
             self.model, self.num_classes, self.device, self.dtype, precision=precision,
             compile=compile, cuda_graphs=cuda_graphs,

@@ -26,7 +26,6 @@ resumes from it. Randomness comes from the seed and the epoch number only: a res
 draws what the uninterrupted run would have drawn.
 """
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from ancer.augment import random_crop_flip
 from ancer.data import ArrayDataset
+from ancer.atomic import save_atomically
 from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import create_model
 from ancer.models.checkpoint import read_checkpoint
@@ -218,17 +218,7 @@ def save_checkpoint(path: PathLike, checkpoint: Dict[str, Any]) -> None:
     """Write ``checkpoint`` with ``torch.save`` atomically: to a temporary file in the same
     folder, flushed to disk, then renamed over ``path`` (``os.replace``), so that ``path``
     always holds a complete checkpoint even if the process is killed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_atomically(path, checkpoint)
 
 
 def preload(dataset: Sequence) -> ArrayDataset:

@@ -58,13 +58,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ancer import atomic
 from ancer.errors import ArgumentError, ResultsError
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -370,17 +370,8 @@ def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[
 def write_atomically(path: Path, content: str | bytes) -> None:
     """Write ``content`` (text, as UTF-8, or bytes) to ``path`` through a fsynced temp file in
     the same folder + os.replace, so readers see either the old file or the whole new one."""
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     data = content.encode("utf-8") if isinstance(content, str) else content
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic.write_atomically(path, lambda handle: handle.write(data))
 
 
 class ResultsWriter:

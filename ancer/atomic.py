@@ -1,0 +1,37 @@
+"""Atomic file writes: a file is either its old self or the whole new content, never half.
+
+Used for everything a long job must not lose to a crash or kill -9: checkpoints, the memory
+of memory-based certification, results sidecars.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Union
+
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over
+    ``path`` (``os.replace`` is atomic on POSIX); on any failure the temporary file is
+    removed and ``path`` is left as it was."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_atomically(path: PathLike, obj: Any) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    write_atomically(path, lambda handle: torch.save(obj, handle))

@@ -85,7 +85,8 @@ def auto_batch_size(
     """A batch size for ``forward`` on ``device``: on CUDA, the largest multiple of 64 (at
     most ``cap``) whose inputs and activations fit ``memory_fraction`` of the free memory,
     each row charged 1/64 of the peak memory of a probe forward of 64 rows (workspaces
-    included, so the estimate errs on the small side); elsewhere :data:`DEFAULT_BATCH_SIZE`."""
+    included, so the estimate errs on the small side) and free memory read from the driver
+    after emptying the cache; elsewhere :data:`DEFAULT_BATCH_SIZE`."""
     if device.type != "cuda":
         return DEFAULT_BATCH_SIZE
     probe = torch.zeros((64, *input_shape), device=device, dtype=dtype)
@@ -96,8 +97,10 @@ def auto_batch_size(
     torch.cuda.synchronize(device)
     per_row = max(torch.cuda.max_memory_allocated(device) - start, 1) / 64 + probe[0].nbytes
     del probe
+    # cached blocks go back to the driver first; memory reserved but unallocated is not
+    # counted as free, since private pools of recorded CUDA graphs hold some of it
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     rows = int(memory_fraction * free / per_row) // 64 * 64
     return max(64, min(cap, rows))
 
@@ -139,6 +142,10 @@ class BatchRunner:
             warnings.warn(f"cuda_graphs needs a CUDA device, the model is on {device}; running "
                           "without them", AccelerationWarning, stacklevel=3)
         self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        if precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+            warnings.warn(f"bf16 on {torch.cuda.get_device_name(device)} (compute capability below 8.0) "
+                          "is emulated and slow; use --precision fp16 there", AccelerationWarning,
+                          stacklevel=3)
         self.pad_batches = (self.compile or self.cuda_graphs) if pad_batches is None else bool(pad_batches)
         self._network: Callable[[torch.Tensor], torch.Tensor] = model
         self._compiled = False
@@ -147,6 +154,17 @@ class BatchRunner:
         self._graph_output: Optional[torch.Tensor] = None
 
     # -- public --------------------------------------------------------------------------
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the forward pass now runs compiled code (False before the first batch and
+        after a fallback to eager)."""
+        return self._network is not self.model
+
+    @property
+    def is_graphed(self) -> bool:
+        """Whether full batches now replay a recorded CUDA graph."""
+        return self._graph is not None
+
     def default_batch_size(self, input_shape: Tuple[int, ...]) -> int:
         """The batch size to use when the caller gives none (see :func:`auto_batch_size`)."""
         with torch.inference_mode(), autocast(self.device, self.precision):
@@ -209,15 +227,19 @@ class BatchRunner:
         stream (as the CUDA-graph documentation prescribes); on failure, warn and go on
         without graphs."""
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    self._classify(self.buffer)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = self._classify(self.buffer)
+            # The model's own device is made current and the capture uses a stream made on
+            # it: torch.cuda.graph's default stream belongs to the current device (cuda:0
+            # unless set), and a capture there would record nothing of a model on cuda:k.
+            with torch.cuda.device(self.device):
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(3):
+                        self._classify(self.buffer)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    output = self._classify(self.buffer)
             self._graph, self._graph_output = graph, output
         except ArgumentError:
             raise

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ancer.accelerate import autocast, check_precision
 from ancer.errors import ArgumentError
 from ancer.noise import NOISES, Noise
 from ancer.seeding import derive_seed, make_generator
@@ -112,6 +113,7 @@ def optimize_isotropic(
     min_sigma: float = 1e-4,
     outputs: str = "logits",
     max_batch: int = 1000,
+    precision: str = "fp32",
     seed: int = 0,
     indices: Optional[Sequence[int]] = None,
     generators: Optional[Sequence[torch.Generator]] = None,
@@ -126,7 +128,11 @@ def optimize_isotropic(
     a float or one per input (B,); ``norm``: "l2" (Gaussian) or "l1" (uniform, λ = √3σ);
     ``outputs``: what the model returns ("logits": softmax is applied; "probabilities";
     "log_probabilities": exp is applied). Each forward batch holds at most ``max_batch``
-    noisy inputs. Input i's noise comes from ``generators[i]`` if given, else from a
+    noisy inputs. ``precision`` ("fp32", "bf16", "fp16") runs the model's forward and backward
+    passes under that autocast, as ``Smoothed`` does; the objective and θ stay in fp32. Any
+    scales are sound to certify with (the certificate's math holds for every σ), so the
+    precision of the search changes only how good the scales are, never the guarantee.
+    Input i's noise comes from ``generators[i]`` if given, else from a
     generator seeded by ``derive_seed(seed, "optimize", indices[i])`` (``indices`` defaults
     to 0..B-1; pass dataset indices so that a resumed or sharded job draws the same noise).
     ``progress`` is called with the number of noisy inputs evaluated after each group of
@@ -136,7 +142,7 @@ def optimize_isotropic(
     min_sigma = _check_positive("min_sigma", min_sigma)
     lr = _check_positive("lr", lr)
     problem = _Problem.build(model, xs, sigma0, norm, iterations, samples, outputs, max_batch,
-                             seed, indices, generators, progress, per_dimension=False)
+                             precision, seed, indices, generators, progress, per_dimension=False)
 
     def ascend(sigma: torch.Tensor, grad: torch.Tensor) -> None:
         sigma.add_(grad, alpha=lr).clamp_(min=min_sigma)
@@ -156,6 +162,7 @@ def optimize_anisotropic(
     *,
     outputs: str = "logits",
     max_batch: int = 1000,
+    precision: str = "fp32",
     seed: int = 0,
     indices: Optional[Sequence[int]] = None,
     generators: Optional[Sequence[torch.Generator]] = None,
@@ -178,7 +185,7 @@ def optimize_anisotropic(
     lr = _check_positive("lr", lr)
     kappa = _check_positive("kappa", kappa, allow_zero=True)
     problem = _Problem.build(model, xs, theta0, norm, iterations, samples, outputs, max_batch,
-                             seed, indices, generators, progress, per_dimension=True)
+                             precision, seed, indices, generators, progress, per_dimension=True)
     lower = problem.theta.detach().clone()
     adam = torch.optim.Adam([problem.theta], lr=lr, maximize=True)
 
@@ -232,6 +239,10 @@ def certify_with_scales(
 
 
 # -- the shared engine -----------------------------------------------------------------------
+#: a power of two that multiplies the objective before the fp16 backward pass and divides its
+#: gradient after (exact in floating point), so that small gradients do not flush to zero
+LOSS_SCALES = {"fp16": 2.0 ** 8}
+
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Update = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -248,11 +259,12 @@ class _Problem:
     samples: int
     outputs: str
     max_batch: int
+    precision: str
     generators: List[torch.Generator]
     progress: Optional[ProgressCallback]
 
     @classmethod
-    def build(cls, model, xs, scale0, norm, iterations, samples, outputs, max_batch, seed,
+    def build(cls, model, xs, scale0, norm, iterations, samples, outputs, max_batch, precision, seed,
               indices, generators, progress, per_dimension: bool) -> "_Problem":
         if not isinstance(model, nn.Module):
             raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -266,6 +278,7 @@ class _Problem:
         iterations = check_count("iterations", iterations)
         samples = check_count("samples", samples)
         max_batch = check_count("max_batch", max_batch)
+        check_precision(precision)
         device = model_device(model)
         xs = _check_inputs(xs).to(device=device, dtype=model_dtype(model))
         scale = _initial_scales(scale0, len(xs))
@@ -273,12 +286,13 @@ class _Problem:
         theta = scale.view(-1, *[1] * (len(shape) - 1)).expand(shape).to(device).clone()
         generators = _generators(len(xs), device, seed, indices, generators)
         return cls(model, xs, theta.requires_grad_(True), norm, iterations, samples, outputs,
-                   max_batch, generators, progress)
+                   max_batch, precision, generators, progress)
 
     def run(self, objective: Objective, update: Update) -> OptimizedScales:
         """``iterations`` steps of: per group of inputs, the mean probabilities, the gap, the
         objective and its gradient in θ; then one ``update`` of θ for the whole batch."""
         trace = torch.empty(self.iterations, len(self.xs), device=self.xs.device)
+        loss_scale = LOSS_SCALES.get(self.precision, 1.0)
         noise = NOISES[self.norm](1.0)
         with _frozen(self.model):
             for step in range(self.iterations):
@@ -287,7 +301,8 @@ class _Problem:
                     theta = self.theta.detach()[start:stop].requires_grad_(True)
                     mean = self._mean_probabilities(noise, theta, start, stop)
                     value = objective(theta, proxy_gap(mean, self.norm))
-                    (grad[start:stop],) = torch.autograd.grad(value.sum(), theta)
+                    (scaled,) = torch.autograd.grad(value.sum() * loss_scale, theta)
+                    grad[start:stop] = scaled / loss_scale
                     trace[step, start:stop] = value.detach()
                 with torch.no_grad():
                     update(self.theta, grad)
@@ -320,7 +335,8 @@ class _Problem:
     def _probability_sum(self, x: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor, noise: Noise) -> torch.Tensor:
         """Σ_m of the class probabilities at x + scale(θ)⊙ε_m over the draws in ``eps``."""
         noisy = noise.reparameterize(x.unsqueeze(1), scale, eps).flatten(0, 1).to(x.dtype)
-        scores = self.model(noisy)
+        with autocast(noisy.device, self.precision):
+            scores = self.model(noisy)
         if scores.dim() != 2 or scores.shape[0] != len(noisy) or scores.shape[1] < 2:
             raise ArgumentError(
                 f"the model returned scores of shape {tuple(scores.shape)} for a batch of "

@@ -318,6 +318,8 @@ class Smoothed:
         buffer = self.runner.prepare(batch_size, tuple(xs.shape[1:]))
         counts = torch.zeros(len(xs), self.num_classes, dtype=torch.long, device=self.device)
         ones = torch.ones(batch_size, dtype=torch.long, device=self.device)
+        for noise in noises:  # each scale's one host-to-device copy, before the loop
+            noise.scale_on(self.device, self.dtype)
         with torch.inference_mode():
             for batch in _pack(len(xs), num, batch_size):
                 offset = 0

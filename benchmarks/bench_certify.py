@@ -6,17 +6,19 @@ batch), ``Smoothed`` with its defaults, and ``Smoothed`` with the fastest option
 writes ``results/<device>-certify-<model>.{json,md}``.
 
 ``--suite`` (issue 6): CIFAR ResNet-110 and ImageNet ResNet-50 (random weights), the
-reference loop, no optimization, each optimization alone, all of them, and all but each;
-for every configuration also the forward-only throughput of the same engine; the ceiling is
-the best forward throughput of the model measured in this process. Writes
-``results/<device>.{json,md}``.
+reference loop, ``Smoothed`` at its defaults, with no optimization, each optimization alone,
+all of them, and all but each; for every configuration also the forward-only throughput of
+the same engine; the ceiling is the best forward throughput of the model measured in this
+process. Then ANCER's optimizer on the same model (``bench_ancer.measure_optimizer``), in
+fp32 against CERTIFY at the defaults and in bf16 against the fastest bf16 CERTIFY, both
+projected to 100 iterations and n = 100,000. Writes ``results/<device>.{json,md}``.
 
 CPU by default, CUDA when present (``--device``). On a CPU the default sample sizes are
 small (ResNet-50 at 224×224 runs a few images per second there); the table reports
 draws per second and the time per input projected to n = 100,000.
 
     PYTHONPATH=. python3 benchmarks/bench_certify.py                 # small CNN, n = 100,000
-    PYTHONPATH=. python3 benchmarks/bench_certify.py --suite         # the issue-6 suite
+    PYTHONPATH=. python3 benchmarks/bench_certify.py --suite --threads 1   # the issue-6 suite
     PYTHONPATH=. python3 benchmarks/bench_certify.py --suite --device cuda
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ancer.noise import Gaussian  # noqa: E402
+from bench_ancer import DEFAULT_DRAWS, measure_optimizer  # noqa: E402
 from ancer.reference import reference_certify  # noqa: E402
 from ancer.smoothing import Smoothed  # noqa: E402
 from common import (best_time, build_model, default_device, device_label, environment,  # noqa: E402
@@ -50,12 +53,21 @@ class Engine(NamedTuple):
     certify: Callable[[], object]
     forward: Optional[Callable[[], None]] = None
 
-#: per device type and model: n0, n, reference batch size, inputs, repeats (flags override)
+#: per device type and model: n0, n, reference batch size, inputs, repeats (flags override);
+#: on a CPU n0 and n are multiples of the batch, so that the padded last batch of a compiled
+#: engine wastes nothing at these small n (at n = 100,000 the padding is negligible)
 DEFAULTS = {
-    "cpu": {"small": (100, 100_000, 1000, 1, 1), "resnet110": (50, 200, 125, 1, 2),
-            "resnet50": (8, 8, 8, 1, 2)},
+    "cpu": {"small": (100, 100_000, 1000, 1, 1), "resnet110": (100, 400, 100, 1, 2),
+            "resnet50": (8, 16, 8, 1, 2)},
     "cuda": {"small": (100, 100_000, 1000, 2, 2), "resnet110": (100, 100_000, 1000, 2, 1),
              "resnet50": (100, 100_000, 1000, 1, 1)},
+}
+
+#: per device type and model, ANCER in the suite: inputs, iterations, rows per forward, and
+#: whether to time the one-input-at-a-time loop too (100 samples per step, the paper's)
+OPTIMIZER_DEFAULTS = {
+    "cpu": {"small": (4, 10, 1000, True), "resnet110": (2, 2, 200, True), "resnet50": (1, 1, 100, False)},
+    "cuda": {"small": (16, 100, 1600, True), "resnet110": (16, 20, 1600, True), "resnet50": (8, 5, 400, True)},
 }
 
 #: the optimizations the suite switches on and off, as Smoothed options
@@ -70,10 +82,10 @@ NOTHING = {"fold_bn": False, "channels_last": False, "precision": "fp32", "compi
            "cuda_graphs": False}
 
 
-def available_optimizations(device: torch.device, cpu_compile: bool) -> List[str]:
-    """CUDA graphs only on CUDA; compile on a CPU only when asked (it takes minutes there)."""
+def available_optimizations(device: torch.device, compile: bool) -> List[str]:
+    """CUDA graphs only on CUDA; compile unless told not to."""
     names = ["fold_bn", "channels_last", "bf16"]
-    if device.type == "cuda" or cpu_compile:
+    if compile:
         names.append("compile")
     if device.type == "cuda":
         names.append("cuda_graphs")
@@ -111,8 +123,14 @@ def smoothed_engine(name, model, xs, n0, n, num_classes, batch_size, device, opt
             for _ in range(batches):
                 smoothed.runner.predictions(batch)
 
+    runner = smoothed.runner
+    if runner.compile and not runner.is_compiled:
+        name += " (compile failed: eager)"
+    if runner.cuda_graphs is False and options.get("cuda_graphs"):
+        name += " (graph capture failed)"
     row = {"config": name, "precision": options.get("precision", "fp32"), "batch_size": batch,
-           "options": options, "forward_draws": batches * batch}
+           "options": options, "compiled": runner.is_compiled, "graphed": runner.is_graphed,
+           "forward_draws": batches * batch}
     return Engine(row, lambda: [smoothed.certify(x, n0, n, ALPHA, batch) for x in xs], forward)
 
 
@@ -185,9 +203,56 @@ def run_model(model_name, device, args, configs) -> Dict[str, object]:
             "repeats": repeats, "forward_ceiling_per_second": ceiling, "note": note, "rows": rows}
 
 
-def suite_configs(device: torch.device, cpu_compile: bool) -> List[tuple]:
-    names = available_optimizations(device, cpu_compile)
-    configs = [("Smoothed, no optimization", options_of([]))]
+def optimizer_rows(result: Dict[str, object], device: torch.device, args) -> List[Dict[str, object]]:
+    """ANCER on ``result``'s model, batched and (where set) one input at a time, in fp32 (set
+    against CERTIFY at ``Smoothed``'s defaults) and in bf16 (against the fastest bf16 CERTIFY),
+    as seconds per input projected to 100 iterations and n = 100,000."""
+    name = result["model"]
+    inputs, iterations, max_batch, loop = OPTIMIZER_DEFAULTS[device.type][name]
+    model, shape, num_classes = build_model(name)
+    xs = torch.rand(inputs, *shape, generator=torch.Generator().manual_seed(1)).to(device)
+    certify_rows = result["rows"]
+    baselines = {"fp32": next(row for row in certify_rows if row["config"] == "Smoothed, defaults"),
+                 "bf16": max((row for row in certify_rows if row["precision"] == "bf16"),
+                             key=lambda row: row["draws_per_second"])}
+    print(f"\n{name}: ANCER, {inputs} input(s), {iterations} iteration(s) × 100 samples", flush=True)
+    rows = []
+    for precision, baseline in baselines.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            smoothed = Smoothed(copy.deepcopy(model), Gaussian(SIGMA), num_classes, device=device)
+            timings = measure_optimizer(smoothed, xs, SIGMA, iterations=iterations, samples=100,
+                                        max_batch=max_batch, precision=precision, repeats=1, loop=loop)
+        certify_seconds = DEFAULT_DRAWS / baseline["draws_per_second"]
+        row = {"precision": precision, "inputs": inputs, "iterations": iterations, "max_batch": max_batch,
+               "optimize_batched": timings["optimize_batched"],
+               "optimize_batched_at_defaults": timings["optimize_batched_at_defaults"],
+               "certify_config": baseline["config"], "certify_at_defaults": certify_seconds,
+               "optimization_over_certification": timings["optimize_batched_at_defaults"] / certify_seconds}
+        if loop:
+            row["loop_over_batched"] = timings["optimize_loop"] / timings["optimize_batched"]
+        print(f"  {precision}: {row['optimize_batched_at_defaults']:.2f} s/input at 100 iterations, "
+              f"{row['optimization_over_certification']:.3f} of CERTIFY", flush=True)
+        rows.append(row)
+    return rows
+
+
+def optimizer_table(rows: List[Dict[str, object]]) -> str:
+    first = rows[0]
+    text = (f"\nANCER (batched, {first['inputs']} input(s), {first['iterations']} iteration(s) × 100 samples "
+            f"measured, at most {first['max_batch']} rows per forward), projected to the paper's 100 "
+            "iterations, against CERTIFY at n0 = 100, n = 100,000 projected from the rows above:\n\n")
+    header = ["optimizer precision", "ANCER s/input", "CERTIFY config", "CERTIFY s/input",
+              "ANCER / CERTIFY", "loop / batched"]
+    body = [[row["precision"], f"{row['optimize_batched_at_defaults']:.2f}", row["certify_config"],
+             f"{row['certify_at_defaults']:.2f}", f"{row['optimization_over_certification']:.3f}",
+             f"{row['loop_over_batched']:.2f}" if "loop_over_batched" in row else "–"] for row in rows]
+    return text + markdown_table(header, body)
+
+
+def suite_configs(device: torch.device, compile: bool) -> List[tuple]:
+    names = available_optimizations(device, compile)
+    configs = [("Smoothed, defaults", {}), ("Smoothed, no optimization", options_of([]))]
     configs += [(f"+ {name} only", options_of([name])) for name in names]
     configs.append(("all: " + " + ".join(names), options_of(names)))
     configs += [(f"all − {name}", options_of([other for other in names if other != name])) for name in names]
@@ -195,7 +260,7 @@ def suite_configs(device: torch.device, cpu_compile: bool) -> List[tuple]:
 
 
 def quick_configs(device: torch.device) -> List[tuple]:
-    fastest = available_optimizations(device, False)
+    fastest = available_optimizations(device, device.type == "cuda")
     return [("Smoothed, defaults", {}),
             ("Smoothed, fastest fp32", options_of([n for n in fastest if n != "bf16"])),
             ("Smoothed, fastest (bf16)", options_of(fastest))]
@@ -214,7 +279,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int,
                         help="batch size of every configuration (default: the reference's; Smoothed's automatic on CUDA)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--cpu-compile", action="store_true", help="include torch.compile on a CPU")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave torch.compile out of the suite (compiling ResNet-50 takes a minute on a CPU)")
+    parser.add_argument("--skip-optimizer", action="store_true", help="leave ANCER's optimizer out of the suite")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -222,8 +289,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     label = device_label(device)
     print(f"device: {label}")
     if args.suite:
-        configs = suite_configs(device, args.cpu_compile)
+        configs = suite_configs(device, not args.no_compile)
         results = [run_model(name, device, args, configs) for name in args.models.split(",")]
+        if not args.skip_optimizer:
+            for result in results:
+                result["optimizer"] = optimizer_rows(result, device, args)
         stem, title = label, "certification speed suite"
     else:
         results = [run_model(args.model, device, args, quick_configs(device))]
@@ -235,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for result in results:
         markdown += f"\n## {result['model']} {tuple(result['input_shape'])}\n\n{result['note']}.\n\n"
         markdown += table(result["rows"])
+        if "optimizer" in result:
+            markdown += optimizer_table(result["optimizer"])
     json_path, md_path = write_results(stem, {"environment": environment(device), "command": command.strip(),
                                               "sigma": SIGMA, "alpha": ALPHA, "results": results}, markdown)
     print("\n" + markdown)

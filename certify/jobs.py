@@ -134,6 +134,8 @@ def resolve_device(requested: Optional[str], launch: Launch) -> torch.device:
         if torch.device(requested).index >= torch.cuda.device_count():
             raise ArgumentError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) "
                                 "here; give cuda:0 ... or cuda")
+        # the current device too, so that nothing (streams, contexts) lands on cuda:0
+        torch.cuda.set_device(torch.device(requested))
     return torch.device(requested)
 
 
@@ -349,9 +351,9 @@ def _scales(job: Job, xs: torch.Tensor, indices: Sequence[int]
     args, options = job.args, job.optimizer
     if options is None:
         return None, None
-    common = dict(outputs=job.loaded.outputs, max_batch=args.batch, seed=args.seed,
-                  indices=list(indices))
-    model = job.loaded.model
+    common = dict(outputs=job.loaded.outputs, max_batch=args.batch, precision=args.precision,
+                  seed=args.seed, indices=list(indices))
+    model = job.smoothed.model  # the model CERTIFY evaluates: batch norm folded, on the device
     if args.method == "dds" or args.theta0 == "dds":
         dds = optimize_isotropic(model, xs, job.sigma, args.norm, **common,
                                  **({"iterations": options.iterations, "lr": options.lr,

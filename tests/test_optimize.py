@@ -183,6 +183,7 @@ def test_isotropic_sigma_grows_where_the_gap_saturates_and_stays_positive():
     (dict(iterations=0), "iterations"),
     (dict(lr=-1.0), "lr"),
     (dict(indices=[1]), "indices"),
+    (dict(precision="fp64"), "precision"),
 ])
 def test_arguments_are_validated(bad, message):
     args = dict(norm="l2", theta0=0.25, iterations=1, samples=2)
@@ -190,6 +191,35 @@ def test_arguments_are_validated(bad, message):
     with pytest.raises(ArgumentError, match=message):
         optimize_anisotropic(Linear(torch.ones(6)), torch.rand(2, *SHAPE), args.pop("theta0"), args.pop("norm"),
                              **args)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_search_runs_the_model_in_it_and_still_finds_the_anisotropy(precision, dtype):
+    """precision="bf16"/"fp16" evaluates the model under that autocast (seen in its output
+    dtype) while θ and the objective stay fp32 (fp16 with a loss scale); on weights that
+    ignore all but one dimension the search grows θ where the model does not look, as the
+    fp32 search does."""
+    dtypes = []
+
+    class Recording(Linear):
+        def forward(self, x):
+            scores = super().forward(x)
+            dtypes.append(scores.dtype)
+            return scores
+
+    w = torch.tensor([4.0, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+    xs = _linear_inputs(w, 0.0, [1.0, 1.5])
+    kwargs = dict(iterations=30, samples=32, seed=2)
+    low = optimize_anisotropic(Recording(w, temperature=2.0), xs, 0.2, "l2", precision=precision, **kwargs)
+    assert set(dtypes) == {dtype}
+    fp32 = optimize_anisotropic(Linear(w, temperature=2.0), xs, 0.2, "l2", **kwargs)
+    for result in (low, fp32):
+        assert result.sigma.dtype == torch.float32 and result.objective.dtype == torch.float32
+        flat = result.sigma.flatten(1)
+        assert (flat[:, 0] == 0.2).all() and (flat[:, 1:] > 0.3).all()
+    # the same certified volume to within 10% per dimension (geometric mean of θ)
+    log_mean = lambda result: result.sigma.log().flatten(1).mean(dim=1)  # noqa: E731
+    assert torch.allclose(log_mean(low), log_mean(fp32), atol=0.1)
 
 
 # -- certification with the optimized scales -------------------------------------------------

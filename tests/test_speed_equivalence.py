@@ -6,8 +6,10 @@
   same distribution as Cohen et al.'s loop (``ancer.reference``) on a model whose votes
   under noise are genuinely random; the same test rejects a 15% change of σ, so it has power;
 - padding counts only the real rows; certificates name the precision they certify;
-- compile and CUDA graphs fall back cleanly on the CPU.
+- compile and CUDA graphs fall back cleanly on the CPU; where a C++ compiler is present,
+  the compiled model really runs (no fallback) and votes as the eager one does.
 """
+import shutil
 import warnings
 
 import numpy as np
@@ -216,6 +218,25 @@ def test_compile_is_off_by_default_on_the_cpu_and_a_failed_compile_falls_back(mo
         counts = compiled.sample_counts(xs, 300, batch_size=128, generators=generators)
     expected = smoothed.sample_counts(xs, 300, batch_size=128, generators=[input_generator(3, i) for i in range(2)])
     assert np.array_equal(counts, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_model_votes_as_the_eager_model_on_the_same_noise():
+    """compile=True on the CPU (inductor): the compile succeeds (an AccelerationWarning would
+    mean the eager fallback ran), partial batches are padded, and on the same noise the
+    votes match eager evaluation except where the top two scores tie to float rounding."""
+    xs = inputs(3)
+    compiled = Smoothed(noisy_cnn(), Gaussian(SIGMA), NUM_CLASSES, compile=True)
+    eager = Smoothed(noisy_cnn(), Gaussian(SIGMA), NUM_CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccelerationWarning)
+        fast = compiled.sample_counts(xs, 700, batch_size=256, generators=[input_generator(5, i) for i in range(3)])
+    assert compiled.runner._network is not compiled.model and compiled.runner.pad_batches
+    plain = eager.sample_counts(xs, 700, batch_size=256, generators=[input_generator(5, i) for i in range(3)])
+    assert (fast.sum(axis=1) == 700).all()
+    assert np.abs(fast - plain).sum() <= 4, (fast, plain)
 
 
 def test_cuda_graphs_on_the_cpu_warn_and_are_ignored():

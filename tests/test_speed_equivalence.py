@@ -216,6 +216,7 @@ def test_compile_is_off_by_default_on_the_cpu_and_a_failed_compile_falls_back(mo
     assert compiled.runner.pad_batches
     with pytest.warns(AccelerationWarning, match="uncompiled"):
         counts = compiled.sample_counts(xs, 300, batch_size=128, generators=generators)
+    assert not compiled.runner.is_compiled
     expected = smoothed.sample_counts(xs, 300, batch_size=128, generators=[input_generator(3, i) for i in range(2)])
     assert np.array_equal(counts, expected)
 
@@ -233,7 +234,7 @@ def test_compiled_model_votes_as_the_eager_model_on_the_same_noise():
     with warnings.catch_warnings():
         warnings.simplefilter("error", AccelerationWarning)
         fast = compiled.sample_counts(xs, 700, batch_size=256, generators=[input_generator(5, i) for i in range(3)])
-    assert compiled.runner._network is not compiled.model and compiled.runner.pad_batches
+    assert compiled.runner.is_compiled and compiled.runner.pad_batches
     plain = eager.sample_counts(xs, 700, batch_size=256, generators=[input_generator(5, i) for i in range(3)])
     assert (fast.sum(axis=1) == 700).all()
     assert np.abs(fast - plain).sum() <= 4, (fast, plain)

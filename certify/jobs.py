@@ -34,6 +34,9 @@ always certified whole (batched arithmetic may round differently in other compan
 the memory on disk reflects the inputs up to the end of the last complete group; a group
 cut by a kill is certified again whole, deterministically, bringing the memory up to date
 and writing only its missing rows. So a resumed run's rows equal an uninterrupted run's.
+The memory must hold the certificates that the file reports: a row written before the kill
+is checked to equal its recomputation (all columns but ``time``), and a difference (possible
+on a GPU, whose kernels need not repeat bit for bit) stops the run with the fix.
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ from certify import distributed, merge
 from certify.distributed import Launch
 from certify.progress import Progress
 from certify.replay import MEMORY_METHODS, NO_MEMORY, RAW, answered, memory_path
-from certify.results import (Row, ResultsWriter, add_sidecar_info, base_name, open_results,
-                             read_results, read_sidecar, shard_path)
+from certify.results import (COLUMNS, Row, ResultsWriter, add_sidecar_info, base_name,
+                             open_results, read_results, read_sidecar, shard_path)
 from certify.scales import ScalesWriter, open_scales
 
 #: the checkpoint's normalization dataset -> the reader of its test set
@@ -260,6 +263,7 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
     with open_results(path, job.settings, job.info) as writer:
         written = [job.dataset.indices[p] for p in positions if job.dataset.indices[p] in writer.done]
         memory, memory_file = _open_memory(job, path, written, shard)
+        unanswered = _unanswered_rows(path, writer, memory)
         scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
                   if job.method == "ancer" else None)
         finished = set(memory.processed) if memory is not None else writer.done
@@ -268,7 +272,7 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
                             position)
         try:
             for group in todo:
-                _certify_group(job, group, writer, memory, scales, progress)
+                _certify_group(job, group, writer, memory, scales, progress, unanswered)
                 if memory is not None:
                     memory.save(memory_file)
         finally:
@@ -310,10 +314,43 @@ def _groups(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
         yield items[start:start + size]
 
 
+def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]) -> dict[int, Row]:
+    """The rows in ``path`` that a kill left without their answers in the saved memory (the
+    start of the group it cut), by idx; none without a memory."""
+    if memory is None or not writer.done:
+        return {}
+    processed = set(memory.processed)
+    table = read_results(path)
+    return {int(idx): table.row(i) for i, idx in enumerate(table.columns["idx"])
+            if int(idx) not in processed}
+
+
+def _check_recomputed(path: Path, written: Row, row: Row) -> None:
+    """``row``, certified again on resume, must equal the ``written`` one that the memory
+    did not save, or the memory would go on from a certificate the file does not report."""
+    def same(before: Any, now: Any) -> bool:
+        both_nan = isinstance(before, float) and isinstance(now, float) and math.isnan(before) and math.isnan(now)
+        return before == now or both_nan
+
+    differences = [(name, getattr(written, name), getattr(row, name)) for name in COLUMNS
+                   if name not in ("time", "correct") and not same(getattr(written, name), getattr(row, name))]
+    if differences:
+        name, before, now = differences[0]
+        raise ResultsError(
+            f"resuming {path}: idx {row.idx} was written before the run stopped but its memory "
+            f"answer was not saved, and certifying it again gives another row ({name} "
+            f"{before!r} on disk, {now!r} now; nondeterministic GPU kernels?); the memory "
+            f"cannot go on from a row it did not answer: delete the rows from idx {row.idx} on "
+            f"from {path} and resume"
+        )
+
+
 def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
                    memory: Optional[Memory], scales: Optional[ScalesWriter],
-                   progress: Progress) -> None:
-    """Certify the inputs at dataset positions ``group`` and write their rows, in order."""
+                   progress: Progress, unanswered: dict[int, Row]) -> None:
+    """Certify the inputs at dataset positions ``group`` and write their rows, in order;
+    rows already written are checked against their recomputation when the memory did not
+    save them (:func:`_check_recomputed`)."""
     args = job.args
     items = [job.dataset[p] for p in group]
     indices = [job.dataset.indices[p] for p in group]
@@ -335,8 +372,10 @@ def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
         if memory is not None:
             outcome = memory.certify(x, certificate.label, certificate.region, key=idx)
             row = answered(row, outcome, memory)
-        if idx in writer.done:
-            continue  # certified again, with its group, for the memory and the group's rest
+        if idx in writer.done:  # certified again, with its group, for the memory and the rest
+            if idx in unanswered:
+                _check_recomputed(writer.path, unanswered[idx], row)
+            continue
         if scales is not None:
             scales.append(idx, thetas[i].numpy())
         writer.write(row)

@@ -191,6 +191,54 @@ def test_killed_run_resumes_to_the_uninterrupted_rows(files, reference, tmp_path
     assert list(read_results(out).columns["idx"]) == sorted(set(read_results(out).columns["idx"]))
 
 
+def _stop_after_first_memory_save(monkeypatch) -> None:
+    """Make the run stop (as a kill would) after the rows of its second group are written
+    but before its memory is saved, so that the memory on disk covers the first group only."""
+    saves = []
+    original = Memory.save
+
+    def save(self, path):
+        if saves:
+            raise KeyboardInterrupt("stopped before the second memory save")
+        saves.append(path)
+        original(self, path)
+
+    monkeypatch.setattr(Memory, "save", save)
+
+
+def test_resume_checks_rows_the_memory_did_not_save(files, reference, tmp_path, monkeypatch, capsys):
+    """Rows written before a stop but absent from the saved memory are certified again on
+    resume: equal, the run goes on and ends with the uninterrupted rows; changed (as
+    nondeterministic GPU kernels could change them), the resume refuses with the fix."""
+    argv = base_args(files, tmp_path / "stopped.tsv", *ANCER_OPTIONS)
+    tampered_argv = base_args(files, tmp_path / "tampered.tsv", *ANCER_OPTIONS)
+    for run in (argv, tampered_argv):
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            _stop_after_first_memory_save(patch)
+            certify(*run)
+    stopped = read_results(tmp_path / "stopped.tsv")
+    assert len(stopped) == 6 and Memory.load(tmp_path / "stopped.memory.pt").counts["inputs"] == 3
+    assert certify(*argv) == 0
+    assert rows_without_time(tmp_path / "stopped.tsv") == rows_without_time(reference["ancer"])
+
+    tampered = tmp_path / "tampered.tsv"
+    lines = tampered.read_text().splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split("\t")
+    fields = lines[5].rstrip("\n").split("\t")  # idx 4: second group, unsaved in the memory
+    column = header.index("p_lower")
+    fields[column] = repr(float(fields[column]) * (1 - 1e-12))
+    lines[5] = "\t".join(fields) + "\n"
+    tampered.write_text("".join(lines))
+    capsys.readouterr()
+    assert certify(*tampered_argv) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "idx 4 was written before the run stopped" in error and "p_lower" in error
+    tampered.write_text("".join(lines[:5]))  # the fix the message gives
+    assert certify(*tampered_argv) == 0
+    assert rows_without_time(tampered) == rows_without_time(reference["ancer"])
+
+
 def test_shards_then_merge_equal_one_process(files, reference, tmp_path):
     out = tmp_path / "sharded.tsv"
     for shard in ("0/2", "1/2"):

@@ -143,7 +143,7 @@ def run_parser() -> argparse.ArgumentParser:
                               "(default fp32)")
     compute.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                          help="torch.compile the model: auto = on CUDA only (on a CPU, on "
-                              "saves 10-40%% after a minute of compiling); a model that "
+                              "may save up to 40%% after a minute of compiling); a model that "
                               "fails to compile runs eagerly, with a warning (default auto)")
     compute.add_argument("--cuda-graphs", action="store_true",
                          help="CUDA: replay each full forward batch from a recorded CUDA "

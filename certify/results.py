@@ -30,7 +30,7 @@ Then ours:
 Then, last and optional (files of earlier versions lack them, and a hand-written row may
 omit them; read as ``-`` and -1):
 
-    memory count_label
+    memory count_label samples
 
 - ``memory``: what memory-based certification (``dds``, ``ancer``; DESIGN.md §3) did to the
   input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
@@ -39,6 +39,9 @@ omit them; read as ``-`` and -1):
   own: ``certify merge`` replays the memory over it); ``-`` for methods without a memory.
 - ``count_label``: votes for the true label among the n samples, so that count_label / n is
   the base classifier's accuracy under noise on that input (-1: not recorded).
+- ``samples``: the forward passes of the base classifier spent on that input by CERTIFY,
+  selection (n0) and estimation together; a sequential run stops early, so it can be far
+  below n0 + n (-1: not recorded).
 
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
 written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
@@ -71,10 +74,10 @@ COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 COLUMNS = COHEN_COLUMNS + (
     "norm", "method", "sigma", "half_width", "p_lower", "proxy_radius", "volume_radius",
     "log_volume", "n0", "n", "alpha", "count_a", "counts_top2", "precision", "memory",
-    "count_label",
+    "count_label", "samples",
 )
 #: trailing columns that files of earlier versions lack, and the value read in their place
-OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1"}
+OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1", "samples": "-1"}
 ANISOTROPIC_METHODS = frozenset({"ancer"})
 ABSTAIN = -1
 SIDECAR_FORMAT = "ancer-results/1"
@@ -98,7 +101,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "idx": int, "label": int, "predict": int, "radius": float, "correct": int,
     "time": parse_time, "sigma": float, "half_width": float, "p_lower": float,
     "proxy_radius": float, "volume_radius": float, "log_volume": float, "n0": int, "n": int,
-    "alpha": float, "count_a": int, "count_label": int,
+    "alpha": float, "count_a": int, "count_label": int, "samples": int,
 }
 _DTYPES = {int: np.int64, float: np.float64, parse_time: np.float64}
 
@@ -131,6 +134,7 @@ class Row:
     precision: str
     memory: str = "-"
     count_label: int = -1
+    samples: int = -1
 
     def __post_init__(self) -> None:
         if not self.radius >= 0.0:

@@ -18,7 +18,7 @@ from ancer.data import load_dataset
 from ancer.errors import ArgumentError
 from ancer.models import available_models
 from ancer.train import NOISES, SCHEDULES, Progress, TrainConfig, preload, train
-from certify.cli import Parser
+from certify.arguments import Parser
 
 PROG = "certify train"
 

@@ -1,0 +1,57 @@
+"""Argument types shared by the ``certify`` command and its subcommands: a parser whose
+errors are one-line ``ArgumentError``s, and validated number types."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from typing import Callable, NoReturn
+
+from ancer.errors import ArgumentError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ArgumentError, so main prints them in one line.
+    Every subcommand's parser should be one."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{message} (see '{self.prog} --help')")
+
+
+def _number(kind: Callable[[str], float], test: Callable[[float], bool],
+            requirement: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` that must pass ``test``, else an error naming
+    ``requirement``."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {requirement}") \
+                from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; give {requirement}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+_probability = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_int = _number(int, lambda v: True, "an integer")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``i/k`` with 0 <= i < k: this job's shard of the inputs (job arrays, no torchrun)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if match is None or not 0 <= int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"{text!r}: give i/k with 0 <= i < k, e.g. 0/4 for the "
+                                         "first of four shards")
+    return int(match[1]), int(match[2])
+
+
+def _device(text: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give cpu, cuda or cuda:N")
+    return text

@@ -2,22 +2,24 @@
 
 Cohen et al. 2019 (Gaussian, l2), Yang et al. 2020 (uniform, l1), Alfarra et al. 2022
 (ANCER: per-input anisotropic scales; data-dependent smoothing and memory-based
-certification). See DESIGN.md for the math and the sources.
+certification). The math and its sources are in docs/design.md.
 """
 from ancer.certificates import CrossPolytope, Ellipsoid, L1Ball, L2Ball, Region
 from ancer.data import load_dataset
+from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import AncerError, ArgumentError, CheckpointError, DatasetError, ResultsError
+from ancer.labels import ABSTAIN
 from ancer.memory import Memory, MemoryOutcome, regions_intersect
 from ancer.models import LoadedModel, create_model, load_model
 from ancer.noise import Gaussian, Noise, Uniform, noise_for_norm
 from ancer.optimize import OptimizedScales, certify_with_scales, optimize_anisotropic, optimize_isotropic
-from ancer.smoothing import ABSTAIN, Certificate, Smoothed
+from ancer.smoothing import Certificate, Smoothed
 from ancer.train import TrainConfig, TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABSTAIN", "AncerError", "ArgumentError", "Certificate", "CheckpointError", "CrossPolytope",
+    "ABSTAIN", "AncerError", "ArgumentError", "Certificate", "Certifier", "CertifyConfig", "CheckpointError", "CrossPolytope",
     "DatasetError", "Ellipsoid", "Gaussian", "L1Ball", "L2Ball", "LoadedModel", "Memory",
     "MemoryOutcome", "Noise", "OptimizedScales", "Region", "ResultsError", "Smoothed",
     "TrainConfig", "TrainResult", "Uniform", "certify_with_scales", "create_model",

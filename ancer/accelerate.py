@@ -20,22 +20,40 @@ base classifier's top class for each row. What it may do to go fast, and why eac
 - Automatic batch size (CUDA): the largest batch that fits a fraction of the free memory,
   measured from two probe forwards (see :func:`auto_batch_size`).
 
+Numerics (what is certified is exactly what runs):
+
+- The buffer, and therefore every noisy input x + ε, is float32 whatever the weights are
+  stored in (:data:`INPUT_DTYPE`). Lower precision lives only inside the model, under
+  autocast: "bf16" or "fp16" evaluates the model with ``torch.autocast`` of that dtype, and
+  a model whose weights are stored in bf16 or fp16 must be run in that precision
+  (:func:`check_weights`), so that a certificate's ``precision`` names what ran.
+- "fp32" means IEEE fp32 on every device: :func:`strict_fp32` turns TF32 off (CUDA matmul
+  and cuDNN convolutions, and ``torch.set_float32_matmul_precision("highest")``, which also
+  governs oneDNN's reduced-precision fp32 matmuls on CPUs) around the forward passes and
+  restores the caller's settings afterwards.
+
 Nothing here synchronizes the host with the device after set-up: ``predictions`` only
 enqueues work.
 """
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
-from typing import Callable, Optional, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ancer.devices import model_dtypes
 from ancer.errors import ArgumentError
 
 #: autocast dtypes of the supported precisions; "fp32" runs the model as it is
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: the dtype of every input the model is given: noisy inputs are drawn and formed in fp32
+INPUT_DTYPE = torch.float32
+#: the precision a model with weights stored in each low-precision dtype must be run in
+_WEIGHT_PRECISIONS = {dtype: name for name, dtype in PRECISIONS.items() if dtype is not None}
 
 #: the batch size used when none is given and the device is not a GPU
 DEFAULT_BATCH_SIZE = 1000
@@ -64,6 +82,48 @@ def check_compile(compile: Compile) -> Compile:
     return compile
 
 
+def check_weights(model: nn.Module, precision: str) -> None:
+    """Raise unless ``model``'s weights can be evaluated as ``precision`` names: fp32 weights
+    in any precision (autocast casts them for "bf16" and "fp16"), bf16 or fp16 weights only
+    in their own precision, so that the certificate's precision is what actually ran."""
+    dtypes = model_dtypes(model) - {torch.float32}
+    if not dtypes:
+        return
+    names = ", ".join(sorted(str(dtype).replace("torch.", "") for dtype in dtypes))
+    low = [dtype for dtype in dtypes if dtype in _WEIGHT_PRECISIONS]
+    if len(dtypes) > 1 or len(low) != 1:
+        raise ArgumentError(f"the weights are {names}; ancer runs fp32 weights (any precision) or "
+                            "bf16/fp16 weights in their own precision: pass model.float()")
+    wanted = _WEIGHT_PRECISIONS[low[0]]
+    if precision != wanted:
+        raise ArgumentError(f"the weights are {names} but precision={precision!r}: pass "
+                            f"precision={wanted!r}, or model.float() to run in {precision}")
+
+
+@contextmanager
+def strict_fp32(enabled: bool = True) -> Iterator[None]:
+    """IEEE fp32 arithmetic for the block when ``enabled``: TF32 off for CUDA matmuls and
+    cuDNN convolutions and the fp32 matmul precision "highest"; the caller's three settings
+    are restored on exit, even after an exception. TF32 rounds the operands of a matmul to
+    a 10-bit mantissa, which makes an "fp32" certificate describe a different classifier."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        # the precision first: setting it also sets allow_tf32, which is restored after it
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context of ``precision`` on ``device`` (none for fp32). Its cache of
     cast weights is off: the context is entered once per batch, so the cache would save
@@ -78,7 +138,6 @@ def auto_batch_size(
     forward: Callable[[torch.Tensor], torch.Tensor],
     input_shape: Tuple[int, ...],
     device: torch.device,
-    dtype: torch.dtype,
     memory_fraction: float = 0.5,
     cap: int = AUTO_BATCH_CAP,
 ) -> int:
@@ -89,7 +148,7 @@ def auto_batch_size(
     after emptying the cache; elsewhere :data:`DEFAULT_BATCH_SIZE`."""
     if device.type != "cuda":
         return DEFAULT_BATCH_SIZE
-    probe = torch.zeros((64, *input_shape), device=device, dtype=dtype)
+    probe = torch.zeros((64, *input_shape), device=device, dtype=INPUT_DTYPE)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
@@ -110,7 +169,9 @@ class BatchRunner:
 
     ``model`` must already be on ``device`` in eval mode (in channels_last format if wanted:
     the buffer stays contiguous, because noise is drawn several times faster into contiguous
-    memory, and the first convolution reorders its input). ``precision`` is "fp32", "bf16" or "fp16" (autocast). ``compile``:
+    memory, and the first convolution reorders its input). The buffer is always float32
+    (:data:`INPUT_DTYPE`). ``precision`` is "fp32", "bf16" or "fp16" (autocast) and must
+    suit the weights (:func:`check_weights`). ``compile``:
     True compiles with ``torch.compile``, "auto" compiles on CUDA only (compiling costs
     seconds to minutes: on a CPU it is opt-in, so that tests and CI stay fast), False never. ``cuda_graphs`` replays the
     full-batch forward from a CUDA graph (CUDA only; ignored elsewhere with a warning).
@@ -123,7 +184,6 @@ class BatchRunner:
         model: nn.Module,
         num_classes: int,
         device: torch.device,
-        dtype: torch.dtype,
         *,
         precision: str = "fp32",
         compile: Compile = "auto",
@@ -131,11 +191,11 @@ class BatchRunner:
         pad_batches: Optional[bool] = None,
     ) -> None:
         check_precision(precision)
+        check_weights(model, precision)
         compile = check_compile(compile)
         self.model = model
         self.num_classes = num_classes
         self.device = device
-        self.dtype = dtype
         self.precision = precision
         self.compile = compile is True or (compile == "auto" and device.type == "cuda")
         if cuda_graphs and device.type != "cuda":
@@ -168,16 +228,16 @@ class BatchRunner:
     def default_batch_size(self, input_shape: Tuple[int, ...]) -> int:
         """The batch size to use when the caller gives none (see :func:`auto_batch_size`)."""
         with torch.inference_mode(), autocast(self.device, self.precision):
-            return auto_batch_size(self.model, tuple(input_shape), self.device, self.dtype)
+            return auto_batch_size(self.model, tuple(input_shape), self.device)
 
     def prepare(self, batch_size: int, input_shape: Tuple[int, ...]) -> torch.Tensor:
         """The buffer of ``batch_size`` rows of ``input_shape``, reused while both stay the
-        same; a new shape frees the old buffer (and graph) first. Zero-filled when new, so
-        that padding rows never hold NaNs."""
+        same; a new shape frees the old buffer (and graph) first. float32, and zero-filled
+        when new, so that padding rows never hold NaNs."""
         wanted = (batch_size, *input_shape)
         if self.buffer is None or tuple(self.buffer.shape) != wanted:
             self.buffer = self._graph = self._graph_output = None
-            self.buffer = torch.zeros(wanted, device=self.device, dtype=self.dtype)
+            self.buffer = torch.zeros(wanted, device=self.device, dtype=INPUT_DTYPE)
         return self.buffer
 
     def predictions(self, rows: int) -> torch.Tensor:

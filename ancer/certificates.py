@@ -28,9 +28,10 @@ Scale = Union[float, torch.Tensor]
 
 
 def _as_center(center: torch.Tensor) -> torch.Tensor:
+    """The region's own copy of ``center``, on the CPU (floating point)."""
     if not isinstance(center, torch.Tensor):
         center = torch.as_tensor(center)
-    center = center.detach().to("cpu")
+    center = center.detach().to("cpu", copy=True)
     if not center.is_floating_point():
         center = center.float()
     if center.numel() == 0:
@@ -39,7 +40,12 @@ def _as_center(center: torch.Tensor) -> torch.Tensor:
 
 
 def _as_semi_axes(semi_axes: Scale, center: torch.Tensor) -> torch.Tensor:
-    axes = torch.as_tensor(semi_axes, dtype=torch.float64).detach().to("cpu")
+    """The region's own float64 copy of ``semi_axes``, broadcast to the center's shape (a
+    scalar stays one stored number)."""
+    if isinstance(semi_axes, torch.Tensor):
+        axes = semi_axes.detach().to("cpu", torch.float64, copy=True)
+    else:
+        axes = torch.tensor(semi_axes, dtype=torch.float64)
     try:
         axes = torch.broadcast_to(axes, center.shape)
     except RuntimeError:
@@ -56,6 +62,8 @@ class Region:
     """An axis-aligned region {center + δ : ||δ / semi_axes||_p <= 1} (p = 2 or 1).
 
     Subclasses fix the norm. Regions live on the host: they are results, not computation.
+    A region holds its own copies of the center and semi-axes, so changing the tensors it
+    was built from afterwards does not change it.
     """
 
     norm: str = ""
@@ -126,12 +134,14 @@ class Region:
             )
         shift = ((other.center - self.center).to(torch.float64) / self.semi_axes).flatten()
         ratio = (other.semi_axes / self.semi_axes).flatten()
-        return self._max_normalized_norm(shift.numpy(), ratio.numpy()) <= 1.0 + 1e-12
+        return self.max_normalized_norm(shift.numpy(), ratio.numpy()) <= 1.0 + 1e-12
 
     @staticmethod
-    def _max_normalized_norm(shift: np.ndarray, ratio: np.ndarray) -> float:
-        """max over u in the unit p-ball of ||shift + ratio * u||_p: the farthest point of the
-        other region, in this region's normalized coordinates."""
+    def max_normalized_norm(shift: np.ndarray, ratio: np.ndarray) -> float:
+        """max over u in the unit p-ball of ||shift + ratio * u||_p: for a region of this
+        norm with center c' and semi-axes a', given shift = (c' − c)/a and ratio = a'/a in
+        this region's normalized coordinates, the gauge of its farthest point (<= 1 iff it
+        lies inside this region)."""
         raise NotImplementedError
 
     def scaled(self, factor: float) -> "Region":
@@ -162,7 +172,7 @@ class Ellipsoid(Region):
         return scaled.flatten(start_dim=scaled.dim() - self.center.dim()).norm(dim=-1)
 
     @staticmethod
-    def _max_normalized_norm(shift: np.ndarray, ratio: np.ndarray) -> float:
+    def max_normalized_norm(shift: np.ndarray, ratio: np.ndarray) -> float:
         """max_{||u||_2 <= 1} ||v + D u||_2 with v = shift, D = diag(ratio).
 
         A trust-region problem solved exactly: the maximizer satisfies u_i = d_i v_i /
@@ -230,7 +240,7 @@ class CrossPolytope(Region):
         return scaled.flatten(start_dim=scaled.dim() - self.center.dim()).sum(dim=-1)
 
     @staticmethod
-    def _max_normalized_norm(shift: np.ndarray, ratio: np.ndarray) -> float:
+    def max_normalized_norm(shift: np.ndarray, ratio: np.ndarray) -> float:
         """max over the vertices v ± d_i e_i of the other polytope (a convex function on a
         polytope peaks at a vertex): ||v||_1 - |v_i| + |v_i| + d_i = ||v||_1 + d_i when the
         sign agrees with v_i, so the maximum is ||v||_1 + max_i d_i."""

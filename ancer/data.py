@@ -1,6 +1,6 @@
 """Datasets read from local disk in their standard layouts, as (x, label) pairs.
 
-``x`` is a float32 tensor C×H×W in [0, 1] (models normalize inside, DESIGN.md §4) and
+``x`` is a float32 tensor C×H×W in [0, 1] (models normalize inside, as in Cohen et al. 2019) and
 ``label`` an int. Readers:
 
 - ``cifar10``: CIFAR-10 (Krizhevsky 2009) from the official ``cifar-10-batches-py``

@@ -1,7 +1,7 @@
 """The project's exception types.
 
 Every error caused by bad input is raised as one of these, with a message that names the
-problem and the fix, so that the command line can print it in one line (DESIGN.md §4).
+problem and the fix, so that the command line can print it in one line.
 """
 
 

@@ -32,9 +32,9 @@ class FoldingWarning(UserWarning):
     """Batch normalization could not be folded; the model runs as it is."""
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    """True when ``model`` holds a batch-norm layer that tracks running statistics."""
-    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+def count_batchnorm(model: nn.Module) -> int:
+    """The number of batch-norm layers in ``model`` that track running statistics."""
+    return sum(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def folded_convolution(conv: nn.Module, bn: _BatchNorm) -> nn.Module:

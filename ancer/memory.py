@@ -64,7 +64,7 @@ from scipy.optimize import minimize_scalar
 from ancer.certificates import L1Ball, L2Ball, Region, make_region
 from ancer.atomic import save_atomically
 from ancer.errors import ArgumentError, ResultsError
-from ancer.smoothing import ABSTAIN
+from ancer.labels import ABSTAIN
 
 #: relative margin of every separation decision, taken on the side of intersection
 MARGIN = 1e-9
@@ -181,7 +181,7 @@ def largest_inside_scale(outer: Region, center: torch.Tensor, semi_axes: torch.T
     low, high = 0.0, float(1.0 / ratio.max())  # no copy wider than ``outer`` fits
     for _ in range(BISECTION_STEPS):
         middle = 0.5 * (low + high)
-        if outer._max_normalized_norm(shift, ratio * middle) <= 1.0 - MARGIN:
+        if outer.max_normalized_norm(shift, ratio * middle) <= 1.0 - MARGIN:
             low = middle
         else:
             high = middle

@@ -8,6 +8,11 @@ certifies from a lower bound p_A on the top class's probability.
 half-width is λ = √3·σ (Yang et al.'s convention); ANCER's scripts use λ = σ/√3 instead, so
 ``describe()`` records both σ and λ. A scale is a float (isotropic) or a tensor that
 broadcasts to the input's C×H×W (anisotropic: one scale per dimension).
+
+A noise owns its scales: a tensor is copied on construction (float32, on the CPU), and the
+factor that multiplies ε is computed once, rounded to float32, and used both to draw the
+noise and to build the certified region, so that a region always describes the noise that
+was actually sampled (changing the caller's tensor afterwards changes neither).
 """
 from __future__ import annotations
 
@@ -24,11 +29,21 @@ from ancer.errors import ArgumentError
 Scale = Union[float, torch.Tensor]
 
 
+def _as_float32(scale: Scale) -> Scale:
+    """A float rounded to the nearest float32 (what a float32 tensor multiplied by it uses),
+    or a tensor converted to float32."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(torch.float32)
+    return float(torch.tensor(scale, dtype=torch.float32))
+
+
 def _check_sigma(sigma: Scale, name: str = "sigma") -> Scale:
+    """``sigma`` as a positive float, or as a positive float32 CPU tensor of the noise's own
+    (a copy: the caller's tensor is never referenced)."""
     if isinstance(sigma, torch.Tensor):
         if sigma.numel() == 1:
             return _check_sigma(float(sigma), name)
-        sigma = sigma.detach().to(torch.float32)
+        sigma = sigma.detach().to("cpu", torch.float32, copy=True)
         if not torch.isfinite(sigma).all() or (sigma <= 0).any():
             raise ArgumentError(
                 f"every entry of the {name} tensor must be finite and > 0; "
@@ -54,6 +69,7 @@ class Noise(ABC):
 
     def __init__(self, sigma: Scale) -> None:
         self.sigma = _check_sigma(sigma)
+        self._scale = _as_float32(self.scale_from_sigma(self.sigma))
         self._device_scales: dict = {}
 
     # -- scales --------------------------------------------------------------------------
@@ -70,18 +86,20 @@ class Noise(ABC):
 
     @property
     def scale(self) -> Scale:
-        """The factor that multiplies a standard draw: σ (Gaussian) or λ = √3·σ (uniform)."""
-        return self.scale_from_sigma(self.sigma)
+        """The factor that multiplies a standard draw, σ (Gaussian) or λ = √3·σ (uniform),
+        rounded to float32: the value both sampling and ``region`` use. A tensor is returned
+        as a copy."""
+        return self._scale if self.isotropic else self._scale.clone()
 
-    def scale_on(self, device: torch.device, dtype: torch.dtype) -> Scale:
-        """The scale as a float, or as a tensor cached on ``device`` in ``dtype`` (so the
-        sampling loop copies nothing from the host)."""
+    def scale_on(self, device: torch.device) -> Scale:
+        """The scale as a float, or as a float32 tensor cached on ``device`` (so the sampling
+        loop copies nothing from the host); the same values as ``scale``."""
         if self.isotropic:
-            return self.scale
-        key = (torch.device(device), dtype)
-        if key not in self._device_scales:
-            self._device_scales[key] = self.scale.to(device=device, dtype=dtype)
-        return self._device_scales[key]
+            return self._scale
+        device = torch.device(device)
+        if device not in self._device_scales:
+            self._device_scales[device] = self._scale.to(device, copy=True)
+        return self._device_scales[device]
 
     def check_input_shape(self, shape: torch.Size) -> None:
         """Raise unless the scale broadcasts to one input of ``shape`` (C×H×W)."""
@@ -110,9 +128,10 @@ class Noise(ABC):
         self, out: torch.Tensor, x: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> torch.Tensor:
         """Fill ``out`` (shape (m, *x.shape), preallocated on the device) in place with
-        x + scale·ε: m noisy copies of ``x``. No new device memory is allocated."""
+        x + scale·ε, drawn, scaled and added in ``out``'s dtype (float32 when certifying):
+        m noisy copies of ``x``. No new device memory is allocated."""
         self.draw_standard_(out, generator)
-        out.mul_(self.scale_on(out.device, out.dtype))
+        out.mul_(self.scale_on(out.device))
         return out.add_(x)
 
     def reparameterize(self, x: torch.Tensor, sigma: Scale, eps: torch.Tensor) -> torch.Tensor:
@@ -126,15 +145,34 @@ class Noise(ABC):
     def radius_factor(p_lower: float) -> float:
         """R such that the certified region has semi-axes scale·R, for p_lower > 1/2."""
 
+    @staticmethod
+    @abstractmethod
+    def probability_for_factor(factor: float) -> float:
+        """The inverse of ``radius_factor``: the p_A at which the semi-axes are scale·factor."""
+
     def region(self, center: torch.Tensor, p_lower: float) -> Region:
         """The region certified around ``center`` when the top class has probability at
-        least ``p_lower`` > 1/2 under this noise."""
+        least ``p_lower`` > 1/2 under this noise: semi-axes scale·R(p_lower), with the very
+        scale the noise is sampled with."""
         if not p_lower > 0.5:
             raise ArgumentError(f"a region is certified only for p_lower > 1/2, got {p_lower}")
         factor = self.radius_factor(p_lower)
         if self.isotropic:
-            return make_region(self.norm, center, self.scale * factor)
-        return make_region(self.norm, center, self.scale.to(torch.float64) * factor)
+            return make_region(self.norm, center, self._scale * factor)
+        return make_region(self.norm, center, self._scale.to(torch.float64) * factor)
+
+    def probability_for_radius(self, radius: float) -> float:
+        """The smallest p_A whose certified region has proxy radius (min semi-axis; the
+        radius itself for a ball) at least ``radius`` >= 0: p_A = R⁻¹(radius / min_i s_i)
+        with R = ``radius_factor`` and s the scale, i.e. Φ(radius / min θ) for Gaussian
+        noise (Cohen et al. 2019, Thm 1; ANCER) and 1/2 + radius / (2 min λ) for uniform
+        noise (Yang et al. 2020). The inverse of ``region(x, p).proxy_radius`` in p; a value
+        >= 1 means no p_A reaches ``radius``."""
+        radius = float(radius)
+        if not (math.isfinite(radius) and radius >= 0.0):
+            raise ArgumentError(f"radius must be finite and >= 0, got {radius!r}")
+        smallest = self._scale if self.isotropic else float(self._scale.min())
+        return self.probability_for_factor(radius / smallest)
 
     def describe(self) -> dict:
         """Plain-data description for results files: family, norm, σ and λ (isotropic), or
@@ -172,7 +210,13 @@ class Gaussian(Noise):
 
     @staticmethod
     def radius_factor(p_lower: float) -> float:
+        """Φ⁻¹(p_lower)."""
         return float(standard_normal.ppf(p_lower))
+
+    @staticmethod
+    def probability_for_factor(factor: float) -> float:
+        """Φ(factor)."""
+        return float(standard_normal.cdf(factor))
 
 
 class Uniform(Noise):
@@ -209,7 +253,13 @@ class Uniform(Noise):
 
     @staticmethod
     def radius_factor(p_lower: float) -> float:
+        """2 (p_lower − 1/2)."""
         return 2.0 * (p_lower - 0.5)
+
+    @staticmethod
+    def probability_for_factor(factor: float) -> float:
+        """1/2 + factor / 2."""
+        return 0.5 + 0.5 * factor
 
 
 NOISES = {"l2": Gaussian, "l1": Uniform}

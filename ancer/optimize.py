@@ -1,22 +1,28 @@
-"""Per-input smoothing scales: data-dependent isotropic σ (DDRS) and anisotropic θ (ANCER).
+"""Per-input smoothing scales: data-dependent isotropic scales (DDRS) and anisotropic ones (ANCER).
 
 Both maximize a differentiable estimate of the certified region's size around one input x,
 from a Monte-Carlo mean of the base classifier's class probabilities under reparameterized
-noise x + scale(θ)⊙ε (ε drawn fresh at every step):
+noise x + θ⊙ε (ε drawn fresh at every step):
 
-    p̄(θ) = (1/M) Σ_m softmax(f(x + scale(θ)⊙ε_m)),   p1 ≥ p2 the top two entries of p̄,
+    p̄(θ) = (1/M) Σ_m softmax(f(x + θ⊙ε_m)),   p1 ≥ p2 the top two entries of p̄,
     gap(θ) = Φ⁻¹(p1) − Φ⁻¹(p2)  (l2, p clamped to [0.001, 0.999])  or  p1 − p2  (l1).
 
-- **DDRS** (Alfarra, Bibi, Torr & Ghanem, "Data Dependent Randomized Smoothing", UAI 2022):
-  one scalar σ per input; plain gradient ascent on gap(σ)·σ, clamped to stay positive.
-- **ANCER** (Alfarra, Bibi, Khan, Torr & Ghanem 2022, arXiv 2107.04570, as in the authors'
+The variable θ is the authors' parameter of the noise: the standard deviation σ of the
+Gaussian (l2), ε ~ N(0, I), and the half-width λ = √3·σ of the uniform U[−λ, λ] (l1),
+ε ~ U[−1, 1]. The optimizers take and return standard deviations, as the rest of ancer does,
+and move θ in between, so the learning rate, the objective's scale and the projection are
+the authors' (in half-width units for l1).
+
+- **DDRS** (Alfarra, Bibi, Torr & Ghanem, "Data Dependent Randomized Smoothing", UAI 2022,
+  as in the authors' ddsmoothing-python 1.0): one scalar θ per input; plain gradient ascent
+  θ ← θ + lr·∂R/∂θ on the radius estimate R(θ) = θ/2·gap(θ) (l2) or θ·gap(θ) (l1), which is
+  Cohen et al.'s σΦ⁻¹(p_A) or Yang et al.'s 2λ(p_A − 1/2) when p2 = 1 − p1.
+- **ANCER** (Alfarra, Bibi, Khan, Torr & Ghanem, "ANCER: Anisotropic Certification via
+  Sample-wise Volume Maximization", TMLR 2022, arXiv 2107.04570, as in the authors'
   ancer-python 1.0.0): one θ_i per input dimension, initialized at the isotropic θ_iso; Adam
   maximizes gap(θ)·(Π θ_i)^(1/d) + κ·gap(θ)·min_i θ_i, the geometric mean taken as
   exp(mean(log θ)); after every step θ ← max(θ, θ_iso) elementwise, so the region contains
   the isotropic one (at equal p_A).
-
-For the l1 norm the noise is uniform with half-width λ = √3·θ (``Noise.scale_from_sigma``);
-the objective is written in θ, as the authors write it.
 
 Unlike the authors' code, which takes one input (or one batch held whole in memory) at a
 time, every input's samples are packed into shared forward batches of at most ``max_batch``
@@ -24,10 +30,12 @@ rows; one input's noise comes from its own generator, so its scales do not depen
 inputs share its batches. The model's parameters are frozen during the optimization (no
 gradient accumulates in them) and the model runs in eval mode; both are restored after.
 
-A certificate computed with scales that depend on x is only sound together with the
-memory-based check of ``ancer.memory`` (DDRS §3.5). The optimizer's noise is drawn from
-generators keyed apart from the certification's (``derive_seed(seed, "optimize", idx)``),
-so that CERTIFY's estimate of p_A stays independent of the draws that chose θ.
+Any scales are sound to certify with: the certificate's math holds for every θ, so the
+parametrization of the search changes only how good the scales are. A certificate computed
+with scales that depend on x is sound only together with the memory-based check of
+``ancer.memory`` (DDRS §3.5). The optimizer's noise is drawn from generators keyed apart from
+the certification's (``derive_seed(seed, "optimize", idx)``), so that CERTIFY's estimate of
+p_A stays independent of the draws that chose θ.
 """
 from __future__ import annotations
 
@@ -41,17 +49,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ancer.accelerate import autocast, check_precision
+from ancer.devices import model_device, model_dtype
 from ancer.errors import ArgumentError
 from ancer.noise import NOISES, Noise
 from ancer.seeding import derive_seed, make_generator
-from ancer.smoothing import Certificate, ProgressCallback, Smoothed, model_device, model_dtype
+from ancer.smoothing import Certificate, ProgressCallback, Smoothed
 from ancer.stats import check_count
 
 #: what the model returns: raw scores (softmax applied), probabilities, or log-probabilities
 OUTPUTS = ("logits", "probabilities", "log_probabilities")
 
-#: the clamp of the top-two probabilities before Φ⁻¹ in the l2 gap (ANCER's released code)
+#: the clamp of the top-two probabilities before Φ⁻¹ in the l2 gap (the authors' released code)
 PROBABILITY_CLAMP = (0.001, 0.999)
+
+#: the factor c of DDRS's radius estimate c·θ·gap(θ): 1/2 for l2, 1 for l1 (DDRS §3)
+RADIUS_FACTORS = {"l2": 0.5, "l1": 1.0}
 
 Scale = Union[float, torch.Tensor]
 
@@ -63,7 +75,8 @@ class OptimizedScales:
     ``sigma`` holds the per-input standard deviations on the host, float32: shape (B,) for
     isotropic scales (DDRS), (B, *input_shape) for anisotropic ones (ANCER). For l1 the
     uniform half-widths are √3·sigma. ``objective`` is the objective of every input at every
-    step, shape (iterations, B), evaluated at the scales before that step's update.
+    step, shape (iterations, B), evaluated at the scales before that step's update, in the
+    authors' units (θ = σ for l2, θ = λ = √3·σ for l1).
     """
 
     sigma: torch.Tensor
@@ -86,16 +99,23 @@ def proxy_gap(probabilities: torch.Tensor, norm: str) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def isotropic_objective(sigma: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-    """DDRS: gap(σ)·σ per input, the certified radius estimate (for l1 up to the constant
-    factor √3 of the half-width)."""
-    return gap * sigma
+def to_theta(sigma: Scale, norm: str) -> Scale:
+    """The authors' noise parameter θ for standard deviation σ: θ = σ (Gaussian, l2) or the
+    half-width θ = λ = √3·σ (uniform, l1)."""
+    return NOISES[norm].scale_from_sigma(sigma)
+
+
+def isotropic_objective(theta: torch.Tensor, gap: torch.Tensor, norm: str) -> torch.Tensor:
+    """DDRS (Alfarra et al., UAI 2022, §3): the radius estimate R = θ/2·gap (l2, θ = σ) or
+    R = θ·gap (l1, θ = λ the half-width) per input (θ of shape (B,))."""
+    return RADIUS_FACTORS[norm] * theta * gap
 
 
 def anisotropic_objective(theta: torch.Tensor, gap: torch.Tensor, kappa: float = 2.0) -> torch.Tensor:
-    """ANCER: gap·exp(mean(log θ)) + κ·gap·min_i θ_i per input (θ of shape (B, *input_shape)):
-    the volume radius of the region plus κ times its proxy radius, up to the factor that
-    turns the gap into R."""
+    """ANCER (Alfarra et al., TMLR 2022, §4): gap·exp(mean(log θ)) + κ·gap·min_i θ_i per input
+    (θ of shape (B, *input_shape): σ_i for l2, the half-widths λ_i for l1), the volume radius
+    of the region plus κ times its proxy radius, up to the factor that turns the gap into R;
+    the gap enters without DDRS's 1/2, as in the authors' code."""
     flat = theta.flatten(1)
     return gap * torch.exp(torch.log(flat).mean(dim=1)) + kappa * gap * flat.min(dim=1).values
 
@@ -119,35 +139,45 @@ def optimize_isotropic(
     generators: Optional[Sequence[torch.Generator]] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> OptimizedScales:
-    """Data-dependent isotropic σ per input (DDRS, Alfarra et al., UAI 2022, §3).
+    """Data-dependent isotropic scale per input (DDRS, Alfarra et al., UAI 2022, §3).
 
-    Plain gradient ascent on gap(σ)·σ: σ ← max(σ + lr·∂/∂σ [gap(σ)·σ], ``min_sigma``), for
-    ``iterations`` steps with ``samples`` fresh noise draws per input and step.
+    In the authors' parameter θ (θ = σ for l2; θ = λ = √3·σ, the uniform half-width, for l1),
+    plain gradient ascent on the radius estimate R(θ) = θ/2·gap(θ) (l2) or θ·gap(θ) (l1):
 
-    ``xs``: inputs (B, *input_shape) in the model's input space; ``sigma0``: the starting σ,
-    a float or one per input (B,); ``norm``: "l2" (Gaussian) or "l1" (uniform, λ = √3σ);
-    ``outputs``: what the model returns ("logits": softmax is applied; "probabilities";
-    "log_probabilities": exp is applied). Each forward batch holds at most ``max_batch``
-    noisy inputs. ``precision`` ("fp32", "bf16", "fp16") runs the model's forward and backward
-    passes under that autocast, as ``Smoothed`` does; the objective and θ stay in fp32. Any
-    scales are sound to certify with (the certificate's math holds for every σ), so the
-    precision of the search changes only how good the scales are, never the guarantee.
+        θ ← max(θ + lr·∂R/∂θ, θ_min),   θ_min = ``min_sigma`` (l2) or √3·``min_sigma`` (l1),
+
+    for ``iterations`` steps with ``samples`` fresh noise draws per input and step. ``lr`` is
+    in θ's units; the floor ``min_sigma`` is ancer's (the authors' ascent has none) and keeps
+    the noise non-degenerate.
+
+    ``xs``: inputs (B, *input_shape) in the model's input space; ``sigma0``: the starting
+    standard deviation, a float or one per input (B,); ``norm``: "l2" (Gaussian) or "l1"
+    (uniform, λ = √3σ); ``outputs``: what the model returns ("logits": softmax is applied;
+    "probabilities"; "log_probabilities": exp is applied). Each forward batch holds at most
+    ``max_batch`` noisy inputs. ``precision`` ("fp32", "bf16", "fp16") runs the model's
+    forward and backward passes under that autocast, as ``Smoothed`` does; the objective and
+    θ stay in fp32. Any scales are sound to certify with (the certificate's math holds for
+    every σ), so the parametrization and the precision of the search change only how good
+    the scales are, never the guarantee; scales chosen per input need ``ancer.memory``.
     Input i's noise comes from ``generators[i]`` if given, else from a
     generator seeded by ``derive_seed(seed, "optimize", indices[i])`` (``indices`` defaults
     to 0..B-1; pass dataset indices so that a resumed or sharded job draws the same noise).
     ``progress`` is called with the number of noisy inputs evaluated after each group of
     inputs (iterations·B·samples in all).
-    Returns the scales as ``OptimizedScales`` with ``sigma`` of shape (B,).
+    Returns the scales as ``OptimizedScales`` with ``sigma`` (standard deviations θ/√3 for
+    l1, never below ``min_sigma``) of shape (B,).
     """
     min_sigma = _check_positive("min_sigma", min_sigma)
     lr = _check_positive("lr", lr)
     problem = _Problem.build(model, xs, sigma0, norm, iterations, samples, outputs, max_batch,
                              precision, seed, indices, generators, progress, per_dimension=False)
+    min_theta = to_theta(min_sigma, problem.norm)
 
-    def ascend(sigma: torch.Tensor, grad: torch.Tensor) -> None:
-        sigma.add_(grad, alpha=lr).clamp_(min=min_sigma)
+    def ascend(theta: torch.Tensor, grad: torch.Tensor) -> None:
+        theta.add_(grad, alpha=lr).clamp_(min=min_theta)
 
-    return problem.run(isotropic_objective, ascend)
+    return problem.run(partial(isotropic_objective, norm=problem.norm), ascend,
+                       torch.tensor(min_sigma))
 
 
 def optimize_anisotropic(
@@ -168,10 +198,12 @@ def optimize_anisotropic(
     generators: Optional[Sequence[torch.Generator]] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> OptimizedScales:
-    """ANCER (Alfarra et al. 2022, arXiv 2107.04570, §4): per-dimension scales θ per input.
+    """ANCER (Alfarra et al., TMLR 2022, arXiv 2107.04570, §4): per-dimension scales per input.
 
-    θ starts at the isotropic θ_iso = ``theta0`` (a float, or one σ per input (B,), e.g.
-    ``optimize_isotropic(...).sigma``); Adam (``lr``) maximizes
+    ``theta0`` is the isotropic standard deviation σ_iso to start from (a float, or one per
+    input (B,), e.g. ``optimize_isotropic(...).sigma``). The search runs in the authors'
+    parameter θ: θ = σ for l2 and the uniform half-width θ = λ = √3·σ for l1. θ starts at
+    θ_iso (every dimension), and Adam (``lr``, in θ's units) maximizes
 
         gap(θ)·exp(mean(log θ)) + κ·gap(θ)·min_i θ_i
 
@@ -179,8 +211,9 @@ def optimize_anisotropic(
     every step projects θ ← max(θ, θ_iso) elementwise. Adam acts elementwise, so one Adam
     over the whole batch is exactly one Adam per input. The defaults (100 iterations,
     lr 0.04, 100 samples, κ = 2) are the paper's. The other arguments are those of
-    :func:`optimize_isotropic`. Returns ``OptimizedScales`` with ``sigma`` of shape
-    (B, *input_shape).
+    :func:`optimize_isotropic`; as there, any scales are sound to certify with, and scales
+    chosen per input need ``ancer.memory``. Returns ``OptimizedScales`` with ``sigma`` (the
+    standard deviations θ/√3 for l1, never below σ_iso) of shape (B, *input_shape).
     """
     lr = _check_positive("lr", lr)
     kappa = _check_positive("kappa", kappa, allow_zero=True)
@@ -194,7 +227,8 @@ def optimize_anisotropic(
         adam.step()
         torch.maximum(theta, lower, out=theta)  # projection onto θ >= θ_iso
 
-    return problem.run(partial(anisotropic_objective, kappa=kappa), adam_step)
+    sigma_iso = problem.sigma0.view(-1, *[1] * (problem.theta.dim() - 1))
+    return problem.run(partial(anisotropic_objective, kappa=kappa), adam_step, sigma_iso)
 
 
 def certify_with_scales(
@@ -249,10 +283,13 @@ Update = Callable[[torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class _Problem:
-    """One optimization over a batch of inputs: the validated arguments and the state θ."""
+    """One optimization over a batch of inputs: the validated arguments, the starting standard
+    deviations ``sigma0`` (B,) on the host, and the state θ in the authors' units (σ for l2,
+    the half-width λ = √3·σ for l1)."""
 
     model: nn.Module
     xs: torch.Tensor
+    sigma0: torch.Tensor
     theta: torch.Tensor
     norm: str
     iterations: int
@@ -281,19 +318,21 @@ class _Problem:
         check_precision(precision)
         device = model_device(model)
         xs = _check_inputs(xs).to(device=device, dtype=model_dtype(model))
-        scale = _initial_scales(scale0, len(xs))
+        sigma0 = _initial_scales(scale0, len(xs))
         shape = (len(xs), *xs.shape[1:]) if per_dimension else (len(xs),)
-        theta = scale.view(-1, *[1] * (len(shape) - 1)).expand(shape).to(device).clone()
+        theta = to_theta(sigma0, norm).view(-1, *[1] * (len(shape) - 1)).expand(shape).to(device).clone()
         generators = _generators(len(xs), device, seed, indices, generators)
-        return cls(model, xs, theta.requires_grad_(True), norm, iterations, samples, outputs,
+        return cls(model, xs, sigma0, theta.requires_grad_(True), norm, iterations, samples, outputs,
                    max_batch, precision, generators, progress)
 
-    def run(self, objective: Objective, update: Update) -> OptimizedScales:
+    def run(self, objective: Objective, update: Update, floor: torch.Tensor) -> OptimizedScales:
         """``iterations`` steps of: per group of inputs, the mean probabilities, the gap, the
-        objective and its gradient in θ; then one ``update`` of θ for the whole batch."""
+        objective and its gradient in θ; then one ``update`` of θ for the whole batch. The
+        result is σ = θ/√3 (l1) or θ (l2), at least ``floor`` (the update's lower bound in σ,
+        broadcast to θ's shape), which only undoes the rounding of the conversion."""
         trace = torch.empty(self.iterations, len(self.xs), device=self.xs.device)
         loss_scale = LOSS_SCALES.get(self.precision, 1.0)
-        noise = NOISES[self.norm](1.0)
+        noise = NOISES[self.norm](1.0)  # for its standard draws ε
         with _frozen(self.model):
             for step in range(self.iterations):
                 grad = torch.zeros_like(self.theta)
@@ -306,8 +345,8 @@ class _Problem:
                     trace[step, start:stop] = value.detach()
                 with torch.no_grad():
                     update(self.theta, grad)
-        sigma = self.theta.detach().to("cpu", torch.float32)
-        return OptimizedScales(sigma=sigma, norm=self.norm, objective=trace.cpu())
+        sigma = self.theta.detach().to("cpu", torch.float32) / to_theta(1.0, self.norm)
+        return OptimizedScales(sigma=torch.maximum(sigma, floor), norm=self.norm, objective=trace.cpu())
 
     def _mean_probabilities(self, noise: Noise, theta: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """p̄ for inputs start..stop-1: (k, classes). ε is drawn per input from its own
@@ -319,12 +358,12 @@ class _Problem:
         eps = torch.empty((len(x), self.samples, *x.shape[1:]), device=x.device, dtype=x.dtype)
         for row, generator in zip(eps, self.generators[start:stop]):
             noise.draw_standard_(row, generator)
-        scale = theta.view(len(x), 1, *theta.shape[1:], *[1] * (x.dim() - theta.dim()))
+        per_draw = theta.view(len(x), 1, *theta.shape[1:], *[1] * (x.dim() - theta.dim()))
         if len(x) * self.samples <= self.max_batch:
-            total = self._probability_sum(x, scale, eps, noise)
+            total = self._probability_sum(x, per_draw, eps)
         else:  # one input whose samples exceed a forward batch
             total = sum(
-                checkpoint(self._probability_sum, x, scale, eps[:, low:low + self.max_batch], noise,
+                checkpoint(self._probability_sum, x, per_draw, eps[:, low:low + self.max_batch],
                            use_reentrant=False)
                 for low in range(0, self.samples, self.max_batch)
             )
@@ -332,9 +371,10 @@ class _Problem:
             self.progress(len(x) * self.samples)
         return total / self.samples
 
-    def _probability_sum(self, x: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor, noise: Noise) -> torch.Tensor:
-        """Σ_m of the class probabilities at x + scale(θ)⊙ε_m over the draws in ``eps``."""
-        noisy = noise.reparameterize(x.unsqueeze(1), scale, eps).flatten(0, 1).to(x.dtype)
+    def _probability_sum(self, x: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Σ_m of the class probabilities at x + θ⊙ε_m over the draws in ``eps`` (θ is the
+        noise's multiplier of a standard draw: σ, or the half-width λ)."""
+        noisy = (x.unsqueeze(1) + theta * eps).flatten(0, 1).to(x.dtype)
         with autocast(noisy.device, self.precision):
             scores = self.model(noisy)
         if scores.dim() != 2 or scores.shape[0] != len(noisy) or scores.shape[1] < 2:

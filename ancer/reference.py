@@ -17,8 +17,7 @@ from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
-#: the label of an abstention (Cohen et al.'s ``Smooth.ABSTAIN``)
-ABSTAIN = -1
+from ancer.labels import ABSTAIN
 
 
 def reference_sample_counts(

@@ -23,26 +23,36 @@ copies counts to the host once per phase. Each input's noise comes from its own 
 chunks whose sizes depend only on (num, batch_size), so an input's certificate does not depend
 on which other inputs share its batches. The forward pass itself (batch norm folded,
 compiled, CUDA graphs, padded batches) is ``ancer.accelerate`` and ``ancer.folding``.
+
+What is certified is what runs: inputs, scales and noisy copies x + ε are float32 about
+the exact (float32) x, whatever the model's weights are stored in; a lower precision lives
+only inside the model, under autocast, and is named by ``Certificate.precision``; "fp32"
+runs without TF32 (``ancer.accelerate.strict_fp32``).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ancer.accelerate import BatchRunner, Compile, check_compile, check_precision
+from ancer.accelerate import (INPUT_DTYPE, BatchRunner, Compile, check_compile, check_precision,
+                              strict_fp32)
 from ancer.certificates import Region
+from ancer.devices import model_device, model_dtype
 from ancer.errors import ArgumentError
-from ancer.folding import fold_batchnorm, has_batchnorm
+from ancer.folding import count_batchnorm, fold_batchnorm
+from ancer.labels import ABSTAIN
 from ancer.noise import Noise
+from ancer.sequential import SequentialPlan
 from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
 
-#: the label of an abstention, as in Cohen et al.'s results files
-ABSTAIN = -1
+if TYPE_CHECKING:
+    from ancer.memory import MemoryOutcome
 
 ProgressCallback = Callable[[int], None]
 
@@ -51,17 +61,23 @@ class InputRangeWarning(UserWarning):
     """An input lies outside [0, 1], the pixel range every ancer model expects."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Certificate:
-    """The outcome of CERTIFY for one input.
+    """The outcome of CERTIFY for one input (immutable; derive variants with
+    ``dataclasses.replace``).
 
     ``label`` is the certified class or ``ABSTAIN``; ``region`` the certified region (None on
-    abstention); ``p_lower`` the one-sided (1 − alpha) Clopper-Pearson bound on the selected
-    class's probability from the ``n`` estimation draws; ``counts`` the estimation votes per
-    class and ``selection_counts`` the n0 selection votes (kept so that a radius can be
-    recomputed for another alpha without sampling again). ``precision`` names how the base
-    classifier was evaluated ("fp32", "bf16" or "fp16"): the certificate is about the model
-    as evaluated in that precision.
+    abstention); ``p_lower`` the one-sided (1 − alpha) lower bound on the selected class's
+    probability from the ``n`` estimation draws, computed by ``bound`` (Clopper-Pearson for
+    fixed-n CERTIFY); ``counts`` the estimation votes per class and ``selection_counts`` the
+    n0 selection votes (kept so that a radius can be recomputed for another alpha without
+    sampling again). ``precision`` names how the base classifier was evaluated ("fp32",
+    "bf16" or "fp16"): the certificate is about the model as evaluated in that precision.
+    ``samples`` is the number of forward passes spent on this input (n0 + n for fixed-n
+    CERTIFY); ``memory`` what memory-based certification answered for it (Alfarra et al.,
+    "Data Dependent Randomized Smoothing", UAI 2022, §3.5), None unless a memory was used;
+    ``start_sigma`` the isotropic σ that per-dimension scales were optimized from (ANCER's
+    θ_iso), None otherwise.
     """
 
     label: int
@@ -75,6 +91,10 @@ class Certificate:
     alpha: float
     precision: str
     noise: Noise = field(repr=False)
+    samples: int
+    bound: str = "clopper-pearson"
+    memory: Optional["MemoryOutcome"] = None
+    start_sigma: Optional[float] = None
 
     @property
     def abstained(self) -> bool:
@@ -99,21 +119,6 @@ class Certificate:
         return float("-inf") if self.region is None else self.region.log_volume
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (the CPU if it has none)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _chunk_sizes(num: int, batch_size: int) -> List[int]:
     """The sizes in which one input's ``num`` draws are made: full batches, then the rest."""
     sizes = [batch_size] * (num // batch_size)
@@ -122,11 +127,11 @@ def _chunk_sizes(num: int, batch_size: int) -> List[int]:
     return sizes
 
 
-def _pack(num_inputs: int, num: int, batch_size: int) -> List[List[tuple]]:
-    """Forward batches as lists of (input, chunk size): whole chunks, in input order, as many
-    per batch as fit in ``batch_size``."""
+def _pack(nums: Sequence[int], batch_size: int) -> List[List[tuple]]:
+    """Forward batches as lists of (input, chunk size) for ``nums[i]`` draws of input i: whole
+    chunks, in input order, as many per batch as fit in ``batch_size``."""
     batches, current, filled = [], [], 0
-    for index in range(num_inputs):
+    for index, num in enumerate(nums):
         for size in _chunk_sizes(num, batch_size):
             if filled + size > batch_size:
                 batches.append(current)
@@ -138,6 +143,20 @@ def _pack(num_inputs: int, num: int, batch_size: int) -> List[List[tuple]]:
     return batches
 
 
+def sequential_plan(noise: Noise, budget: int, alpha: float, radii: Sequence[float]) -> SequentialPlan:
+    """The plan of sequential CERTIFY for an input smoothed with ``noise``: its thresholds are
+    the p_A each radius needs (``Noise.probability_for_radius``: Φ(r / min θ) or
+    1/2 + r / (2 min λ), the same function of p_A for balls, ellipsoids and cross-polytopes).
+    Radii no p_A < 1 reaches are dropped; when none is left, the plan stops as soon as the
+    input is certified at all."""
+    if not radii:
+        raise ArgumentError("sequential certification needs radii (e.g. radii=(0.25, 0.5, 0.75)): "
+                            "the grid whose certified level decides when an input stops")
+    thresholds = sorted({noise.probability_for_radius(r) for r in radii})
+    reachable = tuple(t for t in thresholds if 0.5 < t < 1.0)
+    return SequentialPlan(alpha, budget, reachable or (math.nextafter(0.5, 1.0),))
+
+
 class Smoothed:
     """A base classifier ``model`` smoothed with ``noise``: g(x) = argmax_c P(f(x + ε) = c).
 
@@ -147,7 +166,10 @@ class Smoothed:
 
     - ``precision``: "fp32" (default), "bf16" or "fp16" (autocast). In bf16 or fp16 the
       certificate holds for the model *as evaluated in that precision*, which is a slightly
-      different classifier; ``Certificate.precision`` says which one was certified.
+      different classifier; ``Certificate.precision`` says which one was certified. Inputs
+      and noise stay float32 in every precision. A model whose weights are stored in bf16
+      or fp16 must be given that precision (else ArgumentError: pass it, or
+      ``model.float()``). "fp32" runs with TF32 off, the caller's settings restored after.
     - ``fold_bn`` (default True): evaluate a copy of ``model`` with each batch norm folded
       into the convolution before it (``ancer.folding``). The folded network computes the
       same function; in fp32 its scores differ from the original's by float rounding
@@ -192,18 +214,37 @@ class Smoothed:
         self.precision = precision
         self.channels_last = bool(channels_last)
         self.device = torch.device(device) if device is not None else model_device(model)
-        if fold_bn and has_batchnorm(model):
+        batchnorms = count_batchnorm(model)
+        if fold_bn and batchnorms:
             model = fold_batchnorm(model)
+        self.folded_bn = batchnorms - count_batchnorm(model)
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.dtype = model_dtype(self.model)
         self.runner = BatchRunner(
-            self.model, self.num_classes, self.device, self.dtype, precision=precision,
+            self.model, self.num_classes, self.device, precision=precision,
             compile=compile, cuda_graphs=cuda_graphs,
             pad_batches=pad_batches,
         )
         self._batch_sizes: dict = {}
+
+    def settings(self) -> Dict[str, Any]:
+        """How the base classifier is evaluated, as plain data for results files: the
+        precision (fp32 meaning IEEE fp32, TF32 off), the weights' dtype, the number of batch
+        norms folded, whether compiling is on and compiled code now runs, CUDA graphs, padded
+        batches, channels_last and the device."""
+        return {
+            "precision": self.precision,
+            "weights": str(model_dtype(self.model)).replace("torch.", ""),
+            "fold_bn": self.folded_bn > 0,
+            "folded_batchnorms": self.folded_bn,
+            "compile": self.runner.compile,
+            "compiled": self.runner.is_compiled,
+            "cuda_graphs": self.runner.cuda_graphs,
+            "pad_batches": self.runner.pad_batches,
+            "channels_last": self.channels_last,
+            "device": str(self.device),
+        }
 
     # -- the paper's two procedures ------------------------------------------------------
     def predict(
@@ -251,26 +292,43 @@ class Smoothed:
         generators: Optional[Sequence[Optional[torch.Generator]]] = None,
         noises: Optional[Sequence[Noise]] = None,
         progress: Optional[ProgressCallback] = None,
+        sequential: bool = False,
+        radii: Sequence[float] = (),
     ) -> List[Certificate]:
         """CERTIFY for every input of ``xs`` (shape (B, *input_shape)), their samples packed
         into shared forward batches. ``generators[i]`` and ``noises[i]`` give input i its own
         randomness and noise; ``progress`` is called with the number of draws after each
-        forward batch. The selection phase (n0 draws each) and the estimation phase (n
-        draws each) use separate draws, so ĉ_A is independent of the counts bounding p_A."""
+        forward batch. The selection phase (n0 draws each) and the estimation phase use
+        separate draws, so ĉ_A is independent of the counts bounding p_A.
+
+        Fixed n (default): n estimation draws each, p_A the one-sided Clopper-Pearson bound.
+        ``sequential=True``: the estimation draws come in growing rounds, at most ``n`` in
+        all, and input i stops once its certified level on the grid ``radii`` is decided
+        (:class:`ancer.sequential.SequentialPlan`); p_A is then an anytime-valid confidence
+        sequence's bound at the stopping time, valid whatever the stopping rule, and the
+        certificate's ``n`` is the estimation draws made. Finished inputs leave the forward
+        batches; the others keep filling them."""
         n0 = check_count("n0", n0)
         n = check_count("n", n)
         alpha = check_alpha(alpha)
-        centers = xs.detach().to("cpu") if isinstance(xs, torch.Tensor) else xs
         xs = self._check_inputs(xs)
+        centers = xs.to("cpu")  # the float32 points evaluated; each region copies its own
         batch_size = self.batch_size_for(tuple(xs.shape[1:]), batch_size)
         noises = self._noises_for(xs, noises)
         generators = self._generators_for(xs, generators)
-        selection = self._sample_counts(xs, n0, batch_size, generators, noises, progress)
-        estimation = self._sample_counts(xs, n, batch_size, generators, noises, progress)
+        selection = self._sample_counts(xs, [n0] * len(xs), batch_size, generators, noises, progress)
+        candidates = [int(np.argmax(counts)) for counts in selection]
+        if sequential:
+            estimation, trials, bounds = self._estimate_sequentially(
+                xs, candidates, n, alpha, radii, batch_size, generators, noises, progress)
+        else:
+            estimation = self._sample_counts(xs, [n] * len(xs), batch_size, generators, noises,
+                                             progress)
+            trials = [n] * len(xs)
+            bounds = [clopper_pearson_lower(int(estimation[i, c]), n, alpha)
+                      for i, c in enumerate(candidates)]
         certificates = []
-        for i, noise in enumerate(noises):
-            candidate = int(np.argmax(selection[i]))
-            p_lower = clopper_pearson_lower(int(estimation[i, candidate]), n, alpha)
+        for i, (noise, candidate, p_lower) in enumerate(zip(noises, candidates, bounds)):
             certified = p_lower > 0.5
             certificates.append(Certificate(
                 label=candidate if certified else ABSTAIN,
@@ -279,11 +337,52 @@ class Smoothed:
                 norm=noise.norm,
                 counts=estimation[i],
                 selection_counts=selection[i],
-                n0=n0, n=n, alpha=alpha,
+                n0=n0, n=trials[i], alpha=alpha,
                 precision=self.precision,
                 noise=noise,
+                samples=n0 + trials[i],
+                bound="confidence-sequence" if sequential else "clopper-pearson",
             ))
         return certificates
+
+    def _estimate_sequentially(
+        self,
+        xs: torch.Tensor,
+        candidates: Sequence[int],
+        budget: int,
+        alpha: float,
+        radii: Sequence[float],
+        batch_size: int,
+        generators: List[Optional[torch.Generator]],
+        noises: List[Noise],
+        progress: Optional[ProgressCallback],
+    ) -> Tuple[np.ndarray, List[int], List[float]]:
+        """The estimation phase of sequential CERTIFY: (votes, draws made, p_lower) per input.
+
+        Each round, every input still running draws its plan's next round (one host
+        synchronization per round); after it, the plan decides from the cumulative votes for
+        the selected class whether the input stops, and with which bound."""
+        plans = [sequential_plan(noise, budget, alpha, radii) for noise in noises]
+        schedules = [plan.rounds() for plan in plans]
+        votes = np.zeros((len(xs), self.num_classes), dtype=np.int64)
+        trials, rounds_done, bounds = [0] * len(xs), [0] * len(xs), [0.0] * len(xs)
+        running = list(range(len(xs)))
+        while running:
+            nums = [schedules[i][rounds_done[i]] for i in running]
+            new = self._sample_counts(xs[running], nums, batch_size,
+                                      [generators[i] for i in running],
+                                      [noises[i] for i in running], progress)
+            still = []
+            for row, i in enumerate(running):
+                votes[i] += new[row]
+                trials[i] += nums[row]
+                rounds_done[i] += 1
+                decision = plans[i].decide(int(votes[i, candidates[i]]), trials[i])
+                bounds[i] = decision.p_lower
+                if not decision.stop:
+                    still.append(i)
+            running = still
+        return votes, trials, bounds
 
     # -- SAMPLEUNDERNOISE ----------------------------------------------------------------
     def sample_counts(
@@ -302,26 +401,27 @@ class Smoothed:
         batch_size = self.batch_size_for(tuple(xs.shape[1:]), batch_size)
         noises = self._noises_for(xs, noises)
         generators = self._generators_for(xs, generators)
-        return self._sample_counts(xs, num, batch_size, generators, noises, progress)
+        return self._sample_counts(xs, [num] * len(xs), batch_size, generators, noises, progress)
 
     def _sample_counts(
         self,
         xs: torch.Tensor,
-        num: int,
+        nums: Sequence[int],
         batch_size: int,
         generators: List[Optional[torch.Generator]],
         noises: List[Noise],
         progress: Optional[ProgressCallback],
     ) -> np.ndarray:
-        """``sample_counts`` on validated arguments: noise drawn into the runner's buffer,
-        votes of the real rows counted on the device, one copy to the host at the end."""
+        """``sample_counts`` on validated arguments, ``nums[i]`` draws for input i: noise drawn
+        into the runner's float32 buffer, votes of the real rows counted on the device, one copy to the host at the
+        end; in fp32 with TF32 off for the forward passes."""
         buffer = self.runner.prepare(batch_size, tuple(xs.shape[1:]))
         counts = torch.zeros(len(xs), self.num_classes, dtype=torch.long, device=self.device)
         ones = torch.ones(batch_size, dtype=torch.long, device=self.device)
         for noise in noises:  # each scale's one host-to-device copy, before the loop
-            noise.scale_on(self.device, self.dtype)
-        with torch.inference_mode():
-            for batch in _pack(len(xs), num, batch_size):
+            noise.scale_on(self.device)
+        with torch.inference_mode(), strict_fp32(self.precision == "fp32"):
+            for batch in _pack(nums, batch_size):
                 offset = 0
                 for i, size in batch:
                     noises[i].perturb_(buffer[offset:offset + size], xs[i], generators[i])
@@ -374,7 +474,7 @@ class Smoothed:
                 "for the space you pass, but check that this is the model's input space",
                 InputRangeWarning, stacklevel=3,
             )
-        return xs.to(device=self.device, dtype=self.dtype)
+        return xs.to(device=self.device, dtype=INPUT_DTYPE)
 
     def _noises_for(self, xs: torch.Tensor, noises: Optional[Sequence[Noise]]) -> List[Noise]:
         if noises is None:

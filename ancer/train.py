@@ -8,7 +8,7 @@ smoothing noise, so the base classifier is trained on noisy inputs:
   becomes x + ε, ε ~ N(0, σ² I), added in [0, 1] pixel space (the model normalizes
   inside), with the cross-entropy loss;
 - **uniform-noise augmentation** for l1 certificates (Yang et al. 2020, "Randomized
-  smoothing of all shapes and sizes"): ε ~ U[-λ, λ]^d with λ = √3·σ (DESIGN.md §3);
+  smoothing of all shapes and sizes"): ε ~ U[-λ, λ]^d with λ = √3·σ (Yang et al.'s convention);
 - optional **consistency regularization** (Jeong & Shin 2020, "Consistency regularization
   for certified robustness of smoothed classifiers"; in the spirit of the stability
   training Yang et al. use): two noisy copies of each input, the mean of their
@@ -354,11 +354,12 @@ def train(
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not resume:
         raise ArgumentError(
-            f"checkpoint {str(checkpoint)!r} exists; pass resume=True (--resume) to continue "
-            "that run, or choose another path"
+            f"checkpoint {str(checkpoint)!r} exists; pass resume=True to continue "
+            "that run, or choose another checkpoint path"
         )
     if not checkpoint.parent.is_dir():
-        raise ArgumentError(f"the checkpoint's folder {str(checkpoint.parent)!r} does not exist")
+        raise ArgumentError(f"the checkpoint's folder {str(checkpoint.parent)!r} does not exist; "
+                            "create it or choose another checkpoint path")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))

@@ -55,3 +55,13 @@ def _device(text: str) -> str:
     if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
         raise argparse.ArgumentTypeError(f"{text!r}: give cpu, cuda or cuda:N")
     return text
+
+
+def _radii(text: str) -> tuple[float, ...]:
+    """``r1,r2,...``: the radii of sequential certification (checked further by the config)."""
+    try:
+        radii = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give radii as numbers separated by commas, "
+                                         "e.g. 0.25,0.5,0.75") from None
+    return radii

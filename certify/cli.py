@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, NoReturn, Sequence
 
 from ancer.errors import AncerError, ArgumentError
 from certify import demo, distributed, jobs, merge, replay, report, results
-from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _shard
+from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _radii, _shard
 
 PROG = "certify"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: the shell's status for a process ended by SIGINT (128 + 2)
+EXIT_INTERRUPTED = 130
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -38,7 +41,9 @@ def run_parser() -> argparse.ArgumentParser:
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
                "'certify merge --out RESULTS.tsv' (join shard files), "
                "'certify train ...' (train a base classifier). "
-               "Example: certify --model ckpt.pt --sigma 0.25 --out results.tsv",
+               "Example: certify --model ckpt.pth.tar --sigma 0.25 --data cifar-10-batches-py "
+               "--out results.tsv (without --data a CIFAR-10 model certifies the shipped test "
+               "images); certify --demo runs the shipped model.",
     )
     what = parser.add_argument_group("what to certify")
     what.add_argument("--model", metavar="CKPT",
@@ -46,7 +51,9 @@ def run_parser() -> argparse.ArgumentParser:
                            "checkpoints are read as they are)")
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
-    what.add_argument("--data", metavar="DIR", help="where the dataset lies on disk")
+    what.add_argument("--data", metavar="DIR",
+                      help="where the dataset lies on disk (default, for a CIFAR-10 model: the "
+                           "100 CIFAR-10 test images shipped with ancer)")
     what.add_argument("--synsets", metavar="FILE",
                       help="ImageNet: the list of all 1000 synsets in label order (default: "
                            "synsets.txt or LOC_synset_mapping.txt in or beside --data; needed "
@@ -61,7 +68,8 @@ def run_parser() -> argparse.ArgumentParser:
     noise = parser.add_argument_group("smoothing")
     noise.add_argument("--sigma", type=_positive_float, metavar="S",
                        help="noise standard deviation (uniform noise: half-width sqrt(3)*S); "
-                            "required unless --demo")
+                            "required unless the checkpoint records the sigma it was trained "
+                            "with (then that one is used, and the run says so)")
     noise.add_argument("--norm", choices=("l2", "l1"), default="l2",
                        help="threat model: l2 (Gaussian noise) or l1 (uniform noise); default l2")
     noise.add_argument("--method", choices=("isotropic", "dds", "ancer"), default="isotropic",
@@ -74,6 +82,14 @@ def run_parser() -> argparse.ArgumentParser:
                             "torchrun write --num-samples, as torchrun reads --n as its own")
     noise.add_argument("--alpha", type=_probability, default=0.001,
                        help="failure probability of each certificate (default 0.001)")
+    noise.add_argument("--sequential", action="store_true",
+                       help="sequential CERTIFY: draw the n samples in growing rounds and stop "
+                            "each input once its certified level on the --radii grid is "
+                            "decided; the bound is an anytime-valid confidence sequence, so "
+                            "the guarantee is the same at a fraction of the samples")
+    noise.add_argument("--radii", type=_radii, metavar="R1,R2,...",
+                       help="--sequential: the increasing radii whose certification decides "
+                            "when an input stops (default: sigma, 2*sigma, 3*sigma)")
 
     optimizer = parser.add_argument_group("scale optimizer (--method dds or ancer)")
     optimizer.add_argument("--opt-iterations", type=_positive_int, metavar="T",
@@ -130,17 +146,19 @@ def report_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=f"{PROG} report",
         description="Certified accuracy against radius (Cohen et al. 2019), clean accuracy, "
-                    "abstain rate, average certified radius and mean log-volume of one or "
-                    "more results files, side by side. Reads Cohen et al.'s files too.",
+                    "abstain rate, average certified radius, mean log-volume and forward "
+                    "passes of one or more results files, side by side. Reads Cohen et al.'s "
+                    "files too.",
     )
     parser.add_argument("results", nargs="+", metavar="RESULTS.tsv", help="results files")
     parser.add_argument("--radii", default=report.DEFAULT_RADII, metavar="SPEC",
-                        help="radii as start:stop:step (stop included) or a list like "
-                             f"0,0.5,1 (default {report.DEFAULT_RADII})")
+                        help="radii of the table's rows, as start:stop:step (stop included) "
+                             f"or a list like 0,0.5,1 (default {report.DEFAULT_RADII})")
     parser.add_argument("--format", choices=("md", "csv"), default="md",
                         help="Markdown table or CSV on stdout (default md)")
     parser.add_argument("--plot", metavar="PNG",
-                        help="also save the curves as an image (needs matplotlib)")
+                        help="also save the curves as an image, one panel per norm, creating "
+                             "its folder (needs matplotlib; default: no image)")
     return parser
 
 
@@ -163,6 +181,8 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
+    """``certify report``: the table on stdout; with --plot, the image and a warning for each
+    setting in which the runs of one panel differ."""
     radii = report.parse_radii(args.radii)
     tables = [results.read_results(path) for path in args.results]
     names = report.run_names(args.results)
@@ -170,7 +190,10 @@ def _report(args: argparse.Namespace) -> int:
     summaries = [report.summarize(t, radii, name) for t, name in zip(tables, names)]
     _warn_raw(summaries)
     if args.plot:
-        report.plot_curves(list(zip(names, tables)), args.plot, max(radii))
+        runs = list(zip(names, tables))
+        report.plot_curves(runs, args.plot)
+        for warning in report.setting_warnings(runs):
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     sys.stdout.write(report.format_report(summaries, radii, args.format))
     return 0
 
@@ -200,10 +223,43 @@ def _warn_dropped(dropped: Iterable[tuple[Path, str]]) -> None:
               f"{line[:60]!r}", file=sys.stderr)
 
 
+def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
+    """The parsed flags of a run as the job's files and selection, and the engine's config
+    fields (``sigma`` None when not given: the job takes the checkpoint's)."""
+    if args.model is None:
+        raise ArgumentError("give the base classifier with --model CKPT "
+                            "(or try --demo, which uses the shipped one)")
+    if args.radii is not None and not args.sequential:
+        raise ArgumentError("--radii steers --sequential certification: add --sequential, "
+                            "or drop --radii")
+    spec = jobs.RunSpec(
+        model=args.model, out=Path(args.out), data=args.data, dataset=args.dataset,
+        synsets=args.synsets, skip=args.skip, max=args.max, device=args.device,
+        inputs_per_batch=args.inputs_per_batch, shard=args.shard, quiet=args.quiet)
+    fields = {
+        "sigma": args.sigma, "norm": args.norm, "method": args.method, "theta0": args.theta0,
+        "n0": args.n0, "n": args.n, "alpha": args.alpha, "sequential": args.sequential,
+        "radii": None if args.radii is None else tuple(args.radii),
+        "opt_iterations": args.opt_iterations, "opt_lr": args.opt_lr,
+        "opt_samples": args.opt_samples, "kappa": args.kappa, "batch": args.batch,
+        "precision": args.precision, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+        "seed": args.seed,
+    }
+    return spec, fields
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.demo:
-        demo.configure(args)
-    out = jobs.run(args)
+    temporary = demo.configure(args) if args.demo else None
+    try:
+        return _run_and_say(args, temporary is not None)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _run_and_say(args: argparse.Namespace, temporary: bool) -> int:
+    spec, fields = run_spec(args)
+    out = jobs.run(spec, fields, notify=lambda line: print(line, file=sys.stderr))
     if distributed.from_environment().rank != 0:
         return 0
     _print_memory_report(out)
@@ -218,7 +274,8 @@ def _run(args: argparse.Namespace) -> int:
     sys.stdout.write(report.format_report([report.summarize(table, radii, "demo")], radii))
     sigma = results.read_sidecar(out).settings["sigma"]
     sys.stdout.write(demo.explanation(args.norm, sigma, args.n, args.alpha))
-    print(f"results in {out}")
+    if not temporary:
+        print(f"results in {out}")
     return 0
 
 
@@ -264,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except jobs.Interrupted as interrupted:
+        print(f"{PROG}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted before any row was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (AncerError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -14,7 +14,7 @@ import argparse
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ancer.errors import ArgumentError
 from ancer.noise import noise_for_norm
@@ -29,9 +29,11 @@ DEFAULTS: dict[str, Any] = {"n0": 100, "n": 500, "batch": 600, "max": 20, "out":
 RADII = "0:0.5:0.125"
 
 
-def configure(args: argparse.Namespace) -> None:
+def configure(args: argparse.Namespace) -> Optional[Path]:
     """Point ``args`` at the shipped assets, and ``--out`` at a fresh temporary folder
-    unless given; ArgumentError if the assets are missing or other inputs were given."""
+    unless given (returned, for the caller to remove once the report is printed; None when
+    ``--out`` was given); ArgumentError if the assets are missing or other inputs were
+    given."""
     given = [flag for flag, value in (("--model", args.model), ("--data", args.data),
                                       ("--dataset", args.dataset)) if value is not None]
     if given:
@@ -41,8 +43,11 @@ def configure(args: argparse.Namespace) -> None:
         raise ArgumentError(f"the demo assets are missing from {ASSETS} ({', '.join(missing)}): "
                             "reinstall ancer, or make them with scripts/make_demo_assets.py")
     args.model, args.data, args.dataset = str(CHECKPOINT), str(SAMPLE), "npz"
-    if args.out is None:
-        args.out = str(Path(tempfile.mkdtemp(prefix="certify-demo-")) / "demo.tsv")
+    if args.out is not None:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="certify-demo-"))
+    args.out = str(folder / "demo.tsv")
+    return folder
 
 
 def explanation(norm: str, sigma: float, n: int, alpha: float) -> str:

@@ -1,48 +1,34 @@
-"""A certification run over a dataset: resumable, sharded, one TSV row per input.
+"""A certification run over a dataset: resumable, sharded, locked, one TSV row per input.
 
-The run (issue 5; DESIGN.md §1):
+The per-input protocol (scales, CERTIFY, memory) is the library's engine,
+:class:`ancer.engine.Certifier`; this module adds what a command line needs around it:
 
-1. load the model (:func:`ancer.models.load_model`), the dataset (``--skip``/``--max``) and
-   the noise of ``--norm`` (l2: Gaussian, l1: uniform, λ = √3·σ);
-2. cut the selection into groups of ``--inputs-per-batch`` consecutive inputs, and take
-   this process's share of the groups (``--shard I/K`` or the torchrun rank: the groups
-   whose number is I mod K);
-3. certify each group's inputs together, their noise samples sharing forward batches
-   (``Smoothed.certify_batch``), each input drawing from its own generator
-   ``input_generator(seed, idx)``; a group is the same in every shard layout, so a row
-   does not depend on the shard or resumed run that produced it, even where batched
-   arithmetic rounds differently in another company:
-
-   - ``isotropic``: CERTIFY with the fixed σ (Cohen et al. 2019; Yang et al. 2020);
-   - ``dds``: a data-dependent σ per input (``optimize_isotropic``, DDRS), then CERTIFY;
-   - ``ancer``: per-dimension scales from ``optimize_anisotropic`` started at the fixed σ
-     or the DDRS σ (``--theta0``), then CERTIFY with them;
-
-4. data-dependent methods pass every certificate through the memory
-   (:class:`ancer.memory.Memory`) in idx order, which keeps them sound, and record its
-   answer in the ``memory`` column; a shard writes its certificates raw (``raw``), and
-   the merge replays the memory over all inputs in idx order (:mod:`certify.replay`);
-5. write each input's row as soon as its group is done (flushed and fsynced), its
-   anisotropic scales first (:mod:`certify.scales`), and save the memory after each group;
-   at the end, the memory's report goes to the sidecar's ``info``.
+1. load the model and the dataset (``--skip``/``--max``), and build the engine from the
+   run's :class:`ancer.engine.CertifyConfig`;
+2. cut the selection into groups of ``inputs_per_batch`` consecutive inputs, and take this
+   process's share of the groups (``--shard I/K`` or the torchrun rank: the groups whose
+   number is I mod K);
+3. certify each group's inputs together (their noise samples share forward batches), and
+   write each input's row as soon as its group is done (flushed and fsynced), its
+   anisotropic scales first (:mod:`certify.scales`); save the memory after each group;
+4. a shard of a data-dependent method writes its inputs' own certificates (memory column
+   ``raw``); the merge replays the memory over all inputs in idx order (:mod:`certify.replay`).
 
 Files beside ``--out`` (``results.tsv``): ``results.json`` (settings, compared on resume),
-``results.scales.npy`` (ancer), ``results.memory.pt`` (dds, ancer).
+``results.scales.npy`` (ancer), ``results.memory.pt`` (dds, ancer), ``results.lock`` (held
+while a run writes, so a second run on the same ``--out`` is refused).
 
-Resume: the rows already written are skipped. Groups are fixed runs of consecutive inputs,
-always certified whole (batched arithmetic may round differently in other company), and
-the memory on disk reflects the inputs up to the end of the last complete group; a group
-cut by a kill is certified again whole, deterministically, bringing the memory up to date
-and writing only its missing rows. So a resumed run's rows equal an uninterrupted run's.
-The memory must hold the certificates that the file reports: a row written before the kill
-is checked to equal its recomputation (all columns but ``time``), and a difference (possible
-on a GPU, whose kernels need not repeat bit for bit) stops the run with the fix.
+Resume: the rows already written are skipped. A group is certified whole again when a kill
+cut it (batched arithmetic may round differently in other company), which brings the memory
+up to date and writes only the missing rows, so a resumed run's rows equal an uninterrupted
+run's. A row written before the kill whose memory answer was not saved is checked to equal
+its recomputation (all columns but ``time``). ``--max`` may grow between runs (all other
+settings equal): the new inputs are certified after the old ones.
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
+import dataclasses
 import math
 import platform
 import socket
@@ -57,66 +43,68 @@ import torch
 
 import ancer
 from ancer.data import ImageDataset, load_dataset
+from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError, ResultsError
 from ancer.memory import Memory
 from ancer.models import LoadedModel, load_model
-from ancer.noise import noise_for_norm
-from ancer.optimize import certify_with_scales, optimize_anisotropic, optimize_isotropic
-from ancer.seeding import input_generator
-from ancer.smoothing import Certificate, Smoothed
+from ancer.smoothing import Certificate
 from certify import distributed, merge
+from certify.demo import SAMPLE as SHIPPED_CIFAR10
 from certify.distributed import Launch
+from certify.lock import RunLock
 from certify.progress import Progress
-from certify.replay import MEMORY_METHODS, NO_MEMORY, RAW, answered, memory_path
+from certify.replay import NO_MEMORY, RAW, memory_path, outcome_text
 from certify.results import (COLUMNS, Row, ResultsWriter, add_sidecar_info, base_name,
-                             open_results, read_results, read_sidecar, shard_path)
+                             done_indices, open_results, read_results, read_sidecar, shard_path)
 from certify.scales import ScalesWriter, open_scales
 
 #: the checkpoint's normalization dataset -> the reader of its test set
 _READERS_OF = {"cifar10": "cifar10", "imagenet": "imagenet"}
 
 
-def _defaults(function: Any) -> dict[str, Any]:
-    """The default values of ``function``'s keyword arguments."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C (SIGINT): ``rows`` rows are kept in ``path``."""
+
+    def __init__(self, path: Path, rows: int) -> None:
+        super().__init__(f"interrupted: {rows} rows kept in {path}; rerun the same command to "
+                         "resume")
+        self.path = path
+        self.rows = rows
 
 
 @dataclass(frozen=True)
-class Optimizer:
-    """The scale optimizer's options (``--opt-*``, ``--kappa``), defaults resolved."""
+class RunSpec:
+    """What a command-line run adds to the engine's config: the files and the selection.
 
-    iterations: int
-    lr: float
-    samples: int
-    kappa: Optional[float]
+    ``data`` None certifies the CIFAR-10 test images shipped with the package (CIFAR-10
+    models only); ``inputs_per_batch`` None fills one forward batch with the group's n0
+    selection draws; ``shard`` is (i, k) or None."""
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Optimizer:
-        function = optimize_anisotropic if args.method == "ancer" else optimize_isotropic
-        default = _defaults(function)
-        return cls(args.opt_iterations or default["iterations"], args.opt_lr or default["lr"],
-                   args.opt_samples or default["samples"],
-                   (args.kappa or default["kappa"]) if args.method == "ancer" else None)
+    model: str
+    out: Path
+    data: Optional[str] = None
+    dataset: Optional[str] = None
+    synsets: Optional[str] = None
+    skip: int = 1
+    max: Optional[int] = None
+    device: Optional[str] = None
+    inputs_per_batch: Optional[int] = None
+    shard: Optional[tuple[int, int]] = None
+    quiet: bool = False
 
 
 @dataclass
 class Job:
     """Everything one run needs, loaded and validated; make one with :func:`prepare`."""
 
-    args: argparse.Namespace
+    spec: RunSpec
+    config: CertifyConfig
     loaded: LoadedModel
     dataset: ImageDataset
-    smoothed: Smoothed
-    device: torch.device
-    sigma: float
-    optimizer: Optional[Optimizer]
+    certifier: Certifier
     settings: dict[str, Any]
     info: dict[str, Any]
-
-    @property
-    def method(self) -> str:
-        return self.args.method
+    notes: list[str]
 
     @property
     def group_size(self) -> int:
@@ -142,54 +130,103 @@ def resolve_device(requested: Optional[str], launch: Launch) -> torch.device:
     return torch.device(requested)
 
 
-def _dataset_kind(args: argparse.Namespace, loaded: LoadedModel) -> str:
-    if args.dataset is not None:
-        return args.dataset
-    if str(args.data).endswith(".npz"):
-        return "npz"
+def _data_source(spec: RunSpec, loaded: LoadedModel, notes: list[str]) -> tuple[str, str]:
+    """(dataset kind, path): ``--data``/``--dataset``, or without ``--data`` the shipped
+    CIFAR-10 test images for a CIFAR-10 model."""
+    if spec.data is None:
+        if loaded.dataset == "cifar10" and spec.dataset in (None, "cifar10", "npz"):
+            if not SHIPPED_CIFAR10.is_file():
+                raise ArgumentError(f"no --data, and the shipped CIFAR-10 images are missing "
+                                    f"({SHIPPED_CIFAR10}): pass --data cifar-10-batches-py")
+            notes.append(f"no --data given: certifying the {_count_shipped()} CIFAR-10 test "
+                         "images shipped with ancer (--data DIR for your own)")
+            return "npz", str(SHIPPED_CIFAR10)
+        known = loaded.dataset or "unknown"
+        raise ArgumentError(f"give the dataset with --data (the checkpoint's dataset is {known}: "
+                            "--data imagenet/val for ImageNet class folders, "
+                            "--data cifar-10-batches-py for CIFAR-10, or an .npz of x, y)")
+    if spec.dataset is not None:
+        return spec.dataset, spec.data
+    if str(spec.data).endswith(".npz"):
+        return "npz", spec.data
     if loaded.dataset in _READERS_OF:
-        return _READERS_OF[loaded.dataset]
+        return _READERS_OF[loaded.dataset], spec.data
     raise ArgumentError("the checkpoint does not say which dataset it was trained on: "
                         "pass --dataset cifar10|imagenet|folder|npz")
 
 
-def prepare(args: argparse.Namespace, launch: Launch) -> Job:
-    """Load and check everything a run needs, before any file is written."""
-    if args.model is None:
-        raise ArgumentError("give the base classifier with --model CKPT "
-                            "(or try --demo, which uses the shipped one)")
-    if args.data is None:
-        raise ArgumentError("give the dataset with --data DIR (for --dataset npz, the .npz file)")
-    device = resolve_device(args.device, launch)
-    loaded = load_model(args.model, map_location=device)
-    sigma = args.sigma if args.sigma is not None else loaded.sigma
-    if sigma is None:
-        raise ArgumentError(f"{args.model} records no training noise level: give --sigma S "
-                            "(e.g. --sigma 0.25)")
-    kind = _dataset_kind(args, loaded)
-    extra = dataset_options(kind, loaded.num_classes, args.synsets)
-    dataset = load_dataset(kind, args.data, skip=args.skip, max=args.max, **extra)
+def _count_shipped() -> int:
+    with np.load(SHIPPED_CIFAR10) as sample:
+        return len(sample["y"])
+
+
+#: the flag of each config field, for messages of a command-line run
+FLAGS = {"sigma": "--sigma", "norm": "--norm", "method": "--method", "theta0": "--theta0",
+         "n0": "--n0", "n": "--n", "alpha": "--alpha", "sequential": "--sequential",
+         "radii": "--radii", "opt_iterations": "--opt-iterations", "opt_lr": "--opt-lr",
+         "opt_samples": "--opt-samples", "kappa": "--kappa", "batch": "--batch",
+         "precision": "--precision", "compile": "--compile", "cuda_graphs": "--cuda-graphs",
+         "seed": "--seed"}
+
+
+def make_config(fields: dict[str, Any]) -> CertifyConfig:
+    """The engine's config from the run's flags (by config field name); an invalid field's
+    message names its flag."""
+    try:
+        return CertifyConfig(**fields)
+    except ArgumentError as error:
+        text = str(error)
+        for name, flag in sorted(FLAGS.items(), key=lambda item: -len(item[0])):
+            text = text.replace(f"CertifyConfig.{name}:", f"{flag}:").replace(f"{name}=", f"{flag} ")
+        raise ArgumentError(text) from None
+
+
+def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
+    """Load and check everything a run needs, before any file is written. ``fields`` are
+    the config's fields from the flags; a missing ``sigma`` is taken from the checkpoint
+    when it records its training noise level (and a note says so), and sequential radii
+    default to σ, 2σ, 3σ (p_A of Φ(1), Φ(2), Φ(3) for l2)."""
+    notes: list[str] = []
+    device = resolve_device(spec.device, launch)
+    loaded = load_model(spec.model, map_location=device)
+    if fields.get("sigma") is None:
+        if loaded.sigma is None:
+            raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
+                                f"{spec.model} does not record the σ it was trained with")
+        fields = {**fields, "sigma": float(loaded.sigma)}
+        notes.append(f"no --sigma given: using σ = {loaded.sigma:g}, recorded in the checkpoint "
+                     "as its training noise")
+    if fields.get("sequential") and fields.get("radii") is None:
+        sigma = float(fields["sigma"])
+        fields = {**fields, "radii": (sigma, 2 * sigma, 3 * sigma)}
+    config = make_config(fields)
+    kind, data = _data_source(spec, loaded, notes)
+    extra = dataset_options(kind, loaded.num_classes, spec.synsets)
+    dataset = load_dataset(kind, data, skip=spec.skip, max=spec.max, **extra)
     if len(dataset) == 0:
-        raise DatasetError(f"--data {args.data} with --skip {args.skip} --max {args.max} "
+        raise DatasetError(f"--data {data} with --skip {spec.skip} --max {spec.max} "
                            "selects no input: check --max")
     if dataset.num_classes > loaded.num_classes:
         raise ArgumentError(f"the dataset has {dataset.num_classes} classes but the model "
                             f"outputs {loaded.num_classes}: check --model and --data")
-    noise = noise_for_norm(args.norm, sigma)
-    smoothed = Smoothed(loaded.model, noise, loaded.num_classes, precision=args.precision,
-                        compile=COMPILE[args.compile], cuda_graphs=args.cuda_graphs)
-    optimizer = Optimizer.from_args(args) if args.method in MEMORY_METHODS else None
+    planned = len(dataset) * (config.n0 + config.n)
+    certifier = Certifier(loaded, config, device=device, planned_samples=planned)
+    if config.sequential:
+        check_reachable(certifier)
+    evaluation = certifier.smoothed.settings()
     settings = {
         "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
-        "data": str(Path(args.data).resolve()), **extra, "norm": args.norm, "method": args.method,
-        "sigma": float(sigma), "half_width": noise.half_width_of(float(sigma)),
-        "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch": args.batch,
-        "skip": args.skip, "max": args.max, "precision": args.precision, "seed": args.seed,
-        "device_type": device.type,
+        "data": str(Path(data).resolve()), **extra, "norm": config.norm, "method": config.method,
+        "sigma": config.sigma, "half_width": certifier.noise.half_width_of(config.sigma),
+        "n0": config.n0, "n": config.n, "alpha": config.alpha, "batch": config.batch,
+        "sequential": config.sequential, "radii": list(config.radii),
+        "skip": spec.skip, "max": spec.max, "precision": config.precision, "seed": config.seed,
+        "device_type": device.type, "fold_bn": evaluation["fold_bn"],
         # enough inputs to fill one forward batch with their n0 selection draws
-        "inputs_per_batch": args.inputs_per_batch or max(1, args.batch // args.n0),
-        "optimizer": None if optimizer is None else {**vars(optimizer), "theta0": (
-            args.theta0 if args.method == "ancer" else None)},
+        "inputs_per_batch": spec.inputs_per_batch or max(1, config.batch // config.n0),
+        "optimizer": None if not config.uses_memory else {
+            **config.optimizer(config.method), "theta0": (
+                config.theta0 if config.method == "ancer" else None)},
     }
     info = {
         "versions": {"ancer": ancer.__version__, "torch": torch.__version__,
@@ -198,9 +235,22 @@ def prepare(args: argparse.Namespace, launch: Launch) -> Job:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rank": launch.rank,
         "world_size": launch.world_size,
         # how the forward pass was run: results agree at float rounding, so not a setting
-        "acceleration": {"compile": args.compile, "cuda_graphs": args.cuda_graphs},
+        "acceleration": {"compile": config.compile, "cuda_graphs": config.cuda_graphs,
+                         "compile_resolved": certifier.compiled},
     }
-    return Job(args, loaded, dataset, smoothed, device, float(sigma), optimizer, settings, info)
+    return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
+
+
+def check_reachable(certifier: Certifier) -> None:
+    """Refuse sequential radii of which none can be certified within n draws."""
+    config = certifier.config
+    from ancer.sequential import max_certifiable_probability
+    best = max_certifiable_probability(config.n, config.alpha)
+    top = certifier.noise.scale * certifier.noise.radius_factor(best) if best > 0.5 else 0.0
+    if config.radii[0] > top:
+        raise ArgumentError(f"--radii: no radius in {','.join(map(str, config.radii))} can be "
+                            f"certified with --n {config.n} at --alpha {config.alpha:g} (the "
+                            f"largest is {top:.3f}): give smaller radii or a larger --n")
 
 
 def _device_name(device: torch.device) -> str:
@@ -209,23 +259,27 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Certify as ``args`` say (the ``certify`` command's run); the results file written:
-    ``--out``, or this shard's file with ``--shard``. Under torchrun each rank certifies its
-    shard and rank 0 then merges them into ``--out``."""
+def run(spec: RunSpec, fields: dict[str, Any], notify: Any = print) -> Path:
+    """Certify as ``spec`` and ``fields`` say (the ``certify`` command's run); the results
+    file written: ``spec.out``, or this shard's file with a shard. Under torchrun each rank
+    certifies its shard and rank 0 then merges them into ``out``. ``notify`` receives the
+    run's one-line notes (σ or data taken by default, a hint on long runs)."""
     launch = distributed.from_environment()
-    shard = args.shard
+    shard = spec.shard
     if launch.distributed:
         if shard is not None:
             raise ArgumentError("--shard and torchrun both split the inputs: give only one")
         shard = (launch.rank, launch.world_size)
-    out = Path(args.out)
+    out = Path(spec.out)
     if launch.distributed:
         _check_merge_target(out)
-    job = prepare(args, launch)
+    job = prepare(spec, fields, launch)
+    if launch.is_main:
+        for note in job.notes:
+            notify(note)
     path = out if shard is None else shard_path(out, *shard)
     with distributed.process_group(launch):
-        certify_inputs(job, path, shard, quiet=args.quiet, position=launch.local_rank)
+        certify_inputs(job, path, shard, position=launch.local_rank, notify=notify)
         distributed.barrier(launch)
         if launch.distributed and launch.is_main:
             _merge_shards(out, launch.world_size)
@@ -244,43 +298,95 @@ def _check_merge_target(out: Path) -> None:
 def _merge_shards(out: Path, count: int) -> None:
     """Rank 0: merge the shards into ``out``, replacing an earlier merge of them."""
     out.unlink(missing_ok=True)
-    merge.merge_results([shard_path(out, i, count) for i in range(count)], out)
+    merge.merge_results(merge.find_shards(out), out)
 
 
 def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None,
-                   quiet: bool = False, position: int = 0) -> None:
+                   position: int = 0, notify: Any = print) -> None:
     """Certify this shard's inputs of ``job`` into the results file ``path``, resuming it.
 
     The inputs are cut into fixed groups of ``job.group_size`` consecutive positions, and a
     group is always certified whole (again whole on resume, writing only its missing rows;
-    a shard takes whole groups): batched floating-point arithmetic may round differently in
-    another company, so this keeps every row, to the last digit, that of an uninterrupted
-    single-process run. A shard of a data-dependent method runs no memory: it sees only its
-    own inputs, so its rows are raw, answered at the merge."""
+    a shard takes whole groups), less the inputs whose memory answers are saved: batched
+    floating-point arithmetic may round differently in another company, so this keeps every
+    row that of an uninterrupted single-process run. A shard of a data-dependent method runs
+    no memory: it sees only its own inputs, so its rows are raw, answered at the merge.
+    Ctrl-C raises :class:`Interrupted` once the rows written so far are safe."""
     groups = [g for number, g in enumerate(_groups(range(len(job.dataset)), job.group_size))
               if shard is None or number % shard[1] == shard[0]]
     positions = [p for group in groups for p in group]
-    with open_results(path, job.settings, job.info) as writer:
+    if not positions:
+        notify(f"shard {shard[0]}/{shard[1]} has nothing to do: the {len(job.dataset)} inputs "
+               f"make only {math.ceil(len(job.dataset) / job.group_size)} groups of "
+               f"{job.group_size}; use fewer shards or a smaller --inputs-per-batch")
+    with RunLock(path):
+        _check_selection(job, path)
+        _certify_into(job, path, groups, positions, shard, position, notify)
+
+
+def _certify_into(job: Job, path: Path, groups: list, positions: list,
+                  shard: Optional[tuple[int, int]], position: int, notify: Any) -> None:
+    """:func:`certify_inputs` once the results file is locked and its selection checked."""
+    with open_results(path, job.settings, job.info, growable=("max",)) as writer:
         written = [job.dataset.indices[p] for p in positions if job.dataset.indices[p] in writer.done]
         memory, memory_file = _open_memory(job, path, written, shard)
         unanswered = _unanswered_rows(path, writer, memory)
         scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
-                  if job.method == "ancer" else None)
+                  if job.config.method == "ancer" else None)
         finished = set(memory.processed) if memory is not None else writer.done
         todo = [g for g in groups if not all(job.dataset.indices[p] in finished for p in g)]
-        progress = Progress(len(positions), len(writer.done), _description(path, shard), quiet,
-                            position)
+        if memory is not None:  # inputs the memory answered stay answered (a grown --max)
+            todo = [[p for p in g if job.dataset.indices[p] not in finished] for g in todo]
+        per_input = job.config.n0 + job.config.n
+        progress = Progress(len(positions), len(writer.done), per_input,
+                            _description(path, shard), job.spec.quiet, position,
+                            hint=_shorter_hint(job), say=notify)
         try:
             for group in todo:
-                _certify_group(job, group, writer, memory, scales, progress, unanswered)
+                _certify_group(job, group, writer, memory, scales, progress, unanswered, shard)
                 if memory is not None:
                     memory.save(memory_file)
+        except KeyboardInterrupt:
+            raise Interrupted(path, len(writer.done)) from None
         finally:
             progress.close()
             if scales is not None:
                 scales.close()
     if memory is not None:
         add_sidecar_info(path, memory=memory.report())
+
+
+def _shorter_hint(job: Job) -> str:
+    """What would shorten a long run, in one line."""
+    config = job.config
+    ideas = []
+    if config.n > 10_000:
+        ideas.append(f"--n 10000 (radius limit {_top_radius(job, 10_000):.2f} instead of "
+                     f"{_top_radius(job, config.n):.2f})")
+    if not config.sequential:
+        ideas.append("--sequential --radii 0.25,0.5,0.75 (stops each input once its certified "
+                     "radius is decided, same guarantee)")
+    if job.certifier.device.type == "cpu":
+        ideas.append("a GPU (--device cuda)")
+    return "to shorten it: " + "; ".join(ideas) if ideas else ""
+
+
+def _top_radius(job: Job, n: int) -> float:
+    """The largest radius fixed-n CERTIFY can give with ``n`` draws: p_A = alpha^(1/n)."""
+    noise = job.certifier.noise
+    return noise.scale * noise.radius_factor(math.exp(math.log(job.config.alpha) / n))
+
+
+def _check_selection(job: Job, path: Path) -> None:
+    """Rows on disk must lie in this run's selection (a smaller --max would drop them)."""
+    if not path.is_file() or read_sidecar(path) is None:
+        return
+    selected = set(int(i) for i in job.dataset.indices)
+    outside = sorted(done_indices(path) - selected)
+    if outside:
+        raise ResultsError(f"{path} holds rows beyond this selection (idx {outside[0]}, "
+                           f"{len(outside)} rows in all): --max may grow between runs, not "
+                           "shrink; pass the earlier --max or a larger one, or a new --out")
 
 
 def _description(path: Path, shard: Optional[tuple[int, int]]) -> str:
@@ -294,18 +400,18 @@ def _file_order(path: Path, writer: ResultsWriter) -> list[int]:
 
 def _open_memory(job: Job, path: Path, written: Sequence[int],
                  shard: Optional[tuple[int, int]]) -> tuple[Optional[Memory], Path]:
-    """The run's memory (loaded on resume), or None for a method that needs none and for a
-    shard (its rows stay raw until the merge replays the memory). Its inputs must be the
-    first rows of the results file, whole groups: it is saved after each group's rows."""
+    """The run's memory (loaded on resume) installed in the engine, or None for a method
+    that needs none and for a shard (its rows stay raw until the merge replays the memory).
+    Its inputs must be the first rows of the results file: it is saved after each group."""
     where = memory_path(path)
-    if job.method not in MEMORY_METHODS or shard is not None:
+    if not job.config.uses_memory or shard is not None:
         return None, where
-    memory = Memory.load(where) if where.exists() else Memory(job.args.norm)
+    memory = Memory.load(where) if where.exists() else Memory(job.config.norm)
     processed = list(memory.processed)
-    if (memory.norm != job.args.norm or processed != list(written[:len(processed)])
-            or (len(processed) % job.group_size and len(processed) != len(job.dataset))):
+    if memory.norm != job.config.norm or processed != list(written[:len(processed)]):
         raise ResultsError(f"{where} does not match {path} (another run's memory?): move it "
                            "away and pass a new --out, or restore the matching files")
+    job.certifier.memory = memory
     return memory, where
 
 
@@ -347,68 +453,40 @@ def _check_recomputed(path: Path, written: Row, row: Row) -> None:
 
 def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
                    memory: Optional[Memory], scales: Optional[ScalesWriter],
-                   progress: Progress, unanswered: dict[int, Row]) -> None:
-    """Certify the inputs at dataset positions ``group`` and write their rows, in order;
-    rows already written are checked against their recomputation when the memory did not
-    save them (:func:`_check_recomputed`)."""
-    args = job.args
+                   progress: Progress, unanswered: dict[int, Row],
+                   shard: Optional[tuple[int, int]]) -> None:
+    """Certify the inputs at dataset positions ``group`` with the engine and write their
+    rows, in order; rows already written are checked against their recomputation when the
+    memory did not save them (:func:`_check_recomputed`)."""
+    certifier = job.certifier
     items = [job.dataset[p] for p in group]
-    indices = [job.dataset.indices[p] for p in group]
+    indices = [int(job.dataset.indices[p]) for p in group]
     xs = torch.stack([x for x, _ in items])
-    generators = [input_generator(args.seed, idx, job.device) for idx in indices]
     start = time.perf_counter()
-    sigmas, thetas = _scales(job, xs, indices)
-    if sigmas is None:
-        certificates = job.smoothed.certify_batch(xs, args.n0, args.n, args.alpha, args.batch,
-                                                  generators=generators)
-    else:
-        certificates = certify_with_scales(job.smoothed, xs, sigmas if thetas is None else thetas,
-                                           args.n0, args.n, args.alpha, args.batch, generators)
+    own = certifier.own_certificates(xs, indices, progress=progress.advance)
     elapsed = (time.perf_counter() - start) / len(group)
-    for i, ((x, label), idx, certificate) in enumerate(zip(items, indices, certificates)):
-        sigma = job.sigma if sigmas is None else float(sigmas[i])
-        row = make_row(idx, label, certificate, args.method, sigma, elapsed,
-                       RAW if args.method in MEMORY_METHODS else NO_MEMORY)
+    for (x, label), idx, certificate in zip(items, indices, own):
         if memory is not None:
-            outcome = memory.certify(x, certificate.label, certificate.region, key=idx)
-            row = answered(row, outcome, memory)
+            certificate = certifier.answer(x, certificate, idx)
+        row = make_row(idx, label, certificate, job.config.method, elapsed,
+                       _memory_text(job, certificate, memory, shard))
         if idx in writer.done:  # certified again, with its group, for the memory and the rest
             if idx in unanswered:
                 _check_recomputed(writer.path, unanswered[idx], row)
             continue
         if scales is not None:
-            scales.append(idx, thetas[i].numpy())
+            scales.append(idx, certificate.noise.sigma.numpy())
         writer.write(row)
         progress.update(row)
 
 
-def _scales(job: Job, xs: torch.Tensor, indices: Sequence[int]
-            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The per-input isotropic σ (dds; ancer: θ0) and per-dimension θ (ancer) of a group;
-    (None, None) for the fixed σ. The optimizers draw from ``(seed, "optimize", idx)``,
-    apart from CERTIFY's draws."""
-    args, options = job.args, job.optimizer
-    if options is None:
-        return None, None
-    common = dict(outputs=job.loaded.outputs, max_batch=args.batch, precision=args.precision,
-                  seed=args.seed, indices=list(indices))
-    model = job.smoothed.model  # the model CERTIFY evaluates: batch norm folded, on the device
-    if args.method == "dds" or args.theta0 == "dds":
-        dds = optimize_isotropic(model, xs, job.sigma, args.norm, **common,
-                                 **({"iterations": options.iterations, "lr": options.lr,
-                                     "samples": options.samples} if args.method == "dds" else {}))
-        sigmas = dds.sigma
-    else:
-        sigmas = torch.full((len(xs),), job.sigma)
-    if args.method == "dds":
-        return sigmas, None
-    ancer_scales = optimize_anisotropic(model, xs, sigmas, args.norm, options.iterations,
-                                        options.lr, options.samples, options.kappa, **common)
-    return sigmas, ancer_scales.sigma
-
-
-#: --compile's choices as ``Smoothed``'s ``compile`` argument
-COMPILE = {"auto": "auto", "on": True, "off": False}
+def _memory_text(job: Job, certificate: Certificate, memory: Optional[Memory],
+                 shard: Optional[tuple[int, int]]) -> str:
+    if not job.config.uses_memory:
+        return NO_MEMORY
+    if memory is None or certificate.memory is None:
+        return RAW
+    return outcome_text(certificate.memory, memory)
 
 
 def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict[str, Any]:
@@ -421,20 +499,22 @@ def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict
     return {}
 
 
-def make_row(idx: int, label: int, certificate: Certificate, method: str, sigma: float,
-             elapsed: float, memory: str) -> Row:
-    """The TSV row of one input's own certificate, before any memory (``memory``: ``raw``
-    for a data-dependent method, whose answer :func:`certify.replay.answered` puts in, or
-    ``-``).
+def make_row(idx: int, label: int, certificate: Certificate, method: str, elapsed: float,
+             memory: str) -> Row:
+    """The TSV row of one input's certificate (the memory's answer where ``memory`` is an
+    answer; ``raw`` for a shard's own certificate, ``-`` without a memory).
 
-    ``count_a`` is the estimation votes of the class selected from the n0 draws, the count
-    ``p_lower`` bounds (so a radius can be recomputed for another alpha); ``count_label`` the
-    votes for the true label (the base classifier's accuracy under noise); ``sigma`` the
-    isotropic σ (ancer: its starting θ0)."""
+    ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own CERTIFY
+    (before any memory): ``count_a`` is the estimation votes of the class selected from the
+    n0 draws, the count ``p_lower`` bounds; ``count_label`` the votes for the true label (the
+    base classifier's accuracy under noise); ``sigma`` the isotropic σ (dds: the input's;
+    ancer: the σ its scales started from); ``samples`` the forward passes spent."""
     counts = certificate.counts
     selected = int(np.argmax(certificate.selection_counts))
     top_two = np.argsort(-counts, kind="stable")[:2]
-    half_width = certificate.noise.half_width_of(sigma)
+    noise = certificate.noise
+    sigma = certificate.start_sigma if certificate.start_sigma is not None else float(noise.sigma)
+    half_width = noise.half_width_of(sigma)
     return Row(
         idx=int(idx), label=int(label), predict=int(certificate.label),
         radius=float(certificate.radius),
@@ -446,4 +526,5 @@ def make_row(idx: int, label: int, certificate: Certificate, method: str, sigma:
         count_a=int(counts[selected]),
         counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
         precision=certificate.precision, memory=memory, count_label=int(counts[label]),
+        samples=int(certificate.samples), bound=certificate.bound,
     )

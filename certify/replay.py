@@ -2,7 +2,7 @@
 the merge of a sharded run.
 
 With scales that depend on the input (``dds``, ``ancer``), a certificate is sound only as
-the memory answers it (DESIGN.md §3; Alfarra et al., "Data dependent randomized smoothing",
+the memory answers it (Alfarra et al., "Data dependent randomized smoothing",
 UAI 2022, §3.5): every input is checked against the regions of all earlier ones, in one
 ordered pass (:class:`ancer.memory.Memory`). Shards certify disjoint inputs concurrently,
 so none of them can make that pass. Each shard therefore writes its inputs' own
@@ -36,9 +36,10 @@ import torch
 from ancer.certificates import Region
 from ancer.data import ImageDataset, load_dataset
 from ancer.errors import DatasetError, ResultsError
+from ancer.labels import ABSTAIN
 from ancer.memory import ABSTAINED, KEPT, OVERRIDDEN, SHRUNK, Memory, MemoryOutcome
 from ancer.noise import Noise, noise_for_norm
-from certify.results import ABSTAIN, ResultsTable, Row, base_name
+from certify.results import ResultsTable, Row, base_name
 
 #: the methods whose scales depend on the input, certified through the memory
 MEMORY_METHODS = frozenset({"dds", "ancer"})

@@ -2,7 +2,7 @@
 
 This module is the one place that defines the schema and reads or writes it.
 
-Columns, in order (DESIGN.md §4). The first six are Cohen et al.'s (2019,
+Columns, in order (see docs/design.md). The first six are Cohen et al.'s (2019,
 locuslab/smoothing `code/certify.py`), so their analysis scripts read our files:
 
     idx label predict radius correct time
@@ -30,9 +30,9 @@ Then ours:
 Then, last and optional (files of earlier versions lack them, and a hand-written row may
 omit them; read as ``-`` and -1):
 
-    memory count_label samples
+    memory count_label samples bound
 
-- ``memory``: what memory-based certification (``dds``, ``ancer``; DESIGN.md §3) did to the
+- ``memory``: what memory-based certification (``dds``, ``ancer``; Alfarra et al., UAI 2022, §3.5) did to the
   input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
   ``override:<idx>`` (decided by the earlier certificate of input ``idx``) or ``abstain``;
   ``raw`` for a shard's row, the input's own certificate before the memory (not sound on its
@@ -42,6 +42,17 @@ omit them; read as ``-`` and -1):
 - ``samples``: the forward passes of the base classifier spent on that input by CERTIFY,
   selection (n0) and estimation together; a sequential run stops early, so it can be far
   below n0 + n (-1: not recorded).
+- ``bound``: how ``p_lower`` was computed: ``clopper-pearson`` (fixed-n CERTIFY: the
+  one-sided Clopper-Pearson bound from ``count_a`` of ``n``, recomputable at another alpha)
+  or ``confidence-sequence`` (sequential CERTIFY: an anytime-valid bound at the stopping
+  time; ``n`` is then the estimation draws actually made, and a Clopper-Pearson bound
+  recomputed from ``count_a`` of ``n`` would NOT be valid, since it ignores the stopping).
+
+``p_lower``, ``count_a``, ``counts_top2`` and ``n`` always describe the input's own CERTIFY,
+before memory-based certification. For a row that the memory shrank, overrode or abstained
+(``memory`` other than ``kept``, ``-`` or ``raw``), the certified region is the one in
+``radius``/``proxy_radius``/``volume_radius``/``log_volume``, smaller than ``p_lower`` gives:
+never recompute a radius from ``p_lower`` or ``count_a`` for such a row.
 
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
 written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
@@ -69,17 +80,18 @@ import numpy as np
 
 from ancer import atomic
 from ancer.errors import ArgumentError, ResultsError
+from ancer.labels import ABSTAIN
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 COLUMNS = COHEN_COLUMNS + (
     "norm", "method", "sigma", "half_width", "p_lower", "proxy_radius", "volume_radius",
     "log_volume", "n0", "n", "alpha", "count_a", "counts_top2", "precision", "memory",
-    "count_label", "samples",
+    "count_label", "samples", "bound",
 )
 #: trailing columns that files of earlier versions lack, and the value read in their place
-OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1", "samples": "-1"}
+OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1", "samples": "-1",
+                    "bound": "clopper-pearson"}
 ANISOTROPIC_METHODS = frozenset({"ancer"})
-ABSTAIN = -1
 SIDECAR_FORMAT = "ancer-results/1"
 
 _TIME = re.compile(r"(?:(\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d*)?)")
@@ -135,6 +147,7 @@ class Row:
     memory: str = "-"
     count_label: int = -1
     samples: int = -1
+    bound: str = "clopper-pearson"
 
     def __post_init__(self) -> None:
         if not self.radius >= 0.0:
@@ -142,7 +155,7 @@ class Row:
         if self.predict == ABSTAIN and self.radius != 0.0:
             raise ArgumentError(f"row {self.idx}: an abstention has radius 0.0, "
                                 f"got {self.radius!r}")
-        for name in ("norm", "method", "precision", "memory"):
+        for name in ("norm", "method", "precision", "memory", "bound"):
             if re.search(r"[\t\r\n]", getattr(self, name)):
                 raise ArgumentError(f"row {self.idx}: {name} must not hold tabs or newlines")
 
@@ -418,13 +431,16 @@ class ResultsWriter:
 
 
 def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
-                 info: Mapping[str, Any] | None = None) -> ResultsWriter:
+                 info: Mapping[str, Any] | None = None,
+                 growable: tuple[str, ...] = ()) -> ResultsWriter:
     """Open ``path`` to write a run's rows, starting it or resuming it.
 
     A new file (or one killed before its header was complete) gets its folder, the sidecar
     and the header. An existing one must have a sidecar whose settings equal ``settings``
     (else ResultsError naming the differences) and our columns; a partial last line left
-    by a kill is truncated, and the writer's ``done`` holds the indices to skip.
+    by a kill is truncated, and the writer's ``done`` holds the indices to skip. Settings
+    named in ``growable`` (the selection's ``max``) may differ: the sidecar then records the
+    new value, and the caller checks that the rows on disk still belong to the run.
     """
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
@@ -442,7 +458,10 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
     if sidecar is None:
         raise ResultsError(f"{path} exists but has no settings file {sidecar_path(path).name} "
                            "(not written by certify, or its sidecar was deleted): pass a new --out")
-    check_compatible(sidecar.settings, settings, path)
+    fixed = {key: value for key, value in sidecar.settings.items() if key not in growable}
+    check_compatible(fixed, {k: v for k, v in settings.items() if k not in growable}, path)
+    if any(sidecar.settings.get(key) != settings.get(key) for key in growable):
+        write_sidecar(path, Sidecar(dict(settings), sidecar.info))
     table = read_results(path)
     if table.header != COLUMNS:
         raise ResultsError(f"{path} has other columns than this version of certify writes: "

@@ -7,7 +7,7 @@ array with one record per certified input, in the order the rows were written::
     scales["idx"]      # int64, the input's idx (the TSV's idx column)
     scales["sigma"]    # float32 (N, C, H, W): the per-dimension standard deviations θ
 
-For l1 runs the uniform half-widths are λ = √3·θ (DESIGN.md §3).
+For l1 runs the uniform half-widths are λ = √3·θ (Yang et al. 2020's convention; see ``ancer.noise``).
 
 Durability: a record is appended, fsynced, and the header's record count is rewritten in
 place (numpy reserves room for the count's digits, so the header keeps its length) and

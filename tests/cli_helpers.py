@@ -1,8 +1,58 @@
-"""Helpers shared by the tests that run the ``certify`` command in-process."""
+"""Helpers shared by the tests that run the ``certify`` command in-process.
+
+The tiny run: a TorchScript model (``load_model`` needs no architecture for it) whose class
+is the brightest channel of a 3×8×8 image, and a 24-image npz whose labels are that channel,
+a few images made ambiguous so that some inputs abstain.
+"""
 from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
 
 from certify.cli import main
 from certify.results import read_results
+
+N_INPUTS = 24
+
+
+class BrightestChannel(nn.Module):
+    """Logits 20·(mean of each channel after a 3×3 identity convolution)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            for c in range(3):
+                self.conv.weight[c, c, 1, 1] = 1.0
+            self.fc.weight.copy_(20 * torch.eye(3))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def make_files(root: Path) -> dict:
+    """Write the tiny model (``tiny.pt``) and dataset (``data.npz``) into ``root``."""
+    model = root / "tiny.pt"
+    torch.jit.save(torch.jit.script(BrightestChannel().eval()), model)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, N_INPUTS)
+    x = rng.uniform(0.2, 0.5, (N_INPUTS, 8, 8, 3))
+    x[np.arange(N_INPUTS), :, :, y] += rng.uniform(0.0, 0.3, N_INPUTS)[:, None, None]
+    data = root / "data.npz"
+    np.savez(data, x=(x * 255).astype(np.uint8), y=y.astype(np.int64))
+    return {"model": model, "data": data}
+
+
+def dataset_tensors(data: Path) -> tuple:
+    """The npz's images as float tensors N×C×H×W in [0, 1], and its labels."""
+    arrays = np.load(data)
+    xs = torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).contiguous().float() / 255
+    return xs, arrays["y"]
 
 
 def certify(*argv: str) -> int:

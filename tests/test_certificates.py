@@ -96,7 +96,7 @@ def test_exact_inclusion_value_equals_the_sampled_maximum(cls):
         outer, inner = _random_region(cls, rng, 2), _random_region(cls, rng, 2)
         shift = ((inner.center - outer.center) / outer.semi_axes).numpy()
         ratio = (inner.semi_axes / outer.semi_axes).numpy()
-        exact = cls._max_normalized_norm(shift, ratio)
+        exact = cls.max_normalized_norm(shift, ratio)
         points = torch.tensor(_boundary_points(inner, rng, 200000))
         sampled = float(outer._normalized_norm(points - outer.center.double()).max())
         assert sampled <= exact + 1e-9

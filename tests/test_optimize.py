@@ -49,6 +49,19 @@ class Constant(torch.nn.Module):
         return self.scores.expand(len(x), -1) + 0.0 * x.flatten(1).sum(1, keepdim=True)
 
 
+class LinearProbabilities(torch.nn.Module):
+    """Probabilities (1/2 − c·w·x, 1/2 + c·w·x): the mean over noisy copies is linear in θ."""
+
+    def __init__(self, w: torch.Tensor, c: float):
+        super().__init__()
+        self.register_buffer("w", w.flatten())
+        self.c = c
+
+    def forward(self, x):
+        z = self.c * (x.flatten(1) @ self.w)
+        return torch.stack([0.5 - z, 0.5 + z], dim=1)
+
+
 def _linear_inputs(w, b, margins):
     """Inputs in [0, 1] with w·x + b = margin each: a base point moved along w."""
     base = torch.full((w.numel(),), 0.5)
@@ -69,21 +82,56 @@ def test_proxy_gap_uses_the_top_two_and_passes_gradients():
     assert clamped == pytest.approx(norm.ppf(0.999) - norm.ppf(0.001), rel=1e-5)
 
 
-@pytest.mark.parametrize("norm_name, gap", [("l2", norm.ppf(0.7) - norm.ppf(0.2)), ("l1", 0.5)])
-def test_objective_and_first_steps_follow_the_paper(norm_name, gap):
-    """With constant probabilities (0.7, 0.2, 0.1) the ANCER objective at θ0 is (1 + κ)·gap·θ0,
-    and Adam's first step moves every θ_i up by lr (all gradients are positive); DDRS's first
-    step is σ0 + lr·gap."""
+#: per norm: the gap of the constant probabilities (0.7, 0.2, 0.1), the authors' θ per unit
+#: of σ (θ = λ = √3·σ for l1), and DDRS's radius factor (θ/2·gap for l2, θ·gap for l1)
+CONSTANT_CASES = [("l2", norm.ppf(0.7) - norm.ppf(0.2), 1.0, 0.5), ("l1", 0.5, math.sqrt(3), 1.0)]
+
+
+@pytest.mark.parametrize("norm_name, gap, unit, factor", CONSTANT_CASES)
+def test_objective_and_first_steps_follow_the_paper(norm_name, gap, unit, factor):
+    """With constant probabilities (0.7, 0.2, 0.1) and θ the authors' parameter (σ for l2,
+    the half-width λ = √3·σ for l1): the ANCER objective at θ0 is (1 + κ)·gap·θ0, and Adam's
+    first step moves every θ_i up by lr (all gradients are positive); DDRS's objective is
+    factor·gap·θ0 and its first step θ0 + lr·factor·gap."""
     model = Constant(torch.tensor([0.7, 0.2, 0.1]).log())
     xs = torch.rand(3, *SHAPE)
     result = optimize_anisotropic(model, xs, 0.25, norm_name, iterations=1, lr=0.04, samples=4, kappa=2.0)
     assert result.objective.shape == (1, 3)
-    assert torch.allclose(result.objective, torch.full((1, 3), 3 * gap * 0.25), rtol=1e-5)
-    assert torch.allclose(result.sigma, torch.full((3, *SHAPE), 0.29), rtol=1e-5)
-    iso = optimize_isotropic(model, xs, torch.tensor([0.2, 0.3, 0.4]), norm_name, iterations=1, lr=0.01, samples=4)
+    assert torch.allclose(result.objective, torch.full((1, 3), 3 * gap * 0.25 * unit), rtol=1e-5)
+    assert torch.allclose(result.sigma, torch.full((3, *SHAPE), (0.25 * unit + 0.04) / unit), rtol=1e-5)
+    sigma0 = torch.tensor([0.2, 0.3, 0.4])
+    iso = optimize_isotropic(model, xs, sigma0, norm_name, iterations=1, lr=0.01, samples=4)
     assert iso.sigma.shape == (3,)
-    assert torch.allclose(iso.objective[0], gap * torch.tensor([0.2, 0.3, 0.4]), rtol=1e-5)
-    assert torch.allclose(iso.sigma, torch.tensor([0.2, 0.3, 0.4]) + 0.01 * gap, rtol=1e-5)
+    assert torch.allclose(iso.objective[0], factor * gap * sigma0 * unit, rtol=1e-5)
+    assert torch.allclose(iso.sigma, (sigma0 * unit + 0.01 * factor * gap) / unit, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_name, family", [("l2", Gaussian), ("l1", Uniform)])
+def test_one_isotropic_step_is_gradient_ascent_on_the_authors_radius(norm_name, family):
+    """On probabilities 1/2 ± z̄ with z̄ = c·w·(x + θ·ε̄) (ε̄ the mean standard draw), DDRS's
+    radius is R(θ) = θ/2·(Φ⁻¹(p1) − Φ⁻¹(p2)) = θ·Φ⁻¹(1/2 + z̄) for l2 (θ = σ) and
+    R(θ) = θ·(p1 − p2) = 2θ·z̄ for l1 (θ = λ = √3·σ): one step is θ + lr·R'(θ), returned
+    as σ."""
+    w = torch.tensor([1.0, -0.5, 0.25, 0.8, -0.3, 0.6])
+    c, samples, sigma0, lr = 0.3, 16, 0.2, 0.1
+    xs = _linear_inputs(w, 0.0, [0.5])
+    eps = family(1.0).draw_standard_(torch.empty(samples, *SHAPE), torch.Generator().manual_seed(9))
+    drift = float(w.double() @ eps.flatten(1).double().mean(dim=0))
+    theta0 = sigma0 if norm_name == "l2" else math.sqrt(3) * sigma0
+    z = c * (0.5 + theta0 * drift)
+    if norm_name == "l2":
+        radius = theta0 * norm.ppf(0.5 + z)
+        slope = norm.ppf(0.5 + z) + theta0 * c * drift / norm.pdf(norm.ppf(0.5 + z))
+    else:
+        radius = 2 * theta0 * z
+        slope = 2 * c * (0.5 + 2 * theta0 * drift)
+    result = optimize_isotropic(LinearProbabilities(w, c), xs, sigma0, norm_name, iterations=1, lr=lr,
+                                samples=samples, outputs="probabilities",
+                                generators=[torch.Generator().manual_seed(9)])
+    assert result.objective[0, 0].item() == pytest.approx(radius, rel=1e-5)
+    theta1 = theta0 + lr * slope
+    expected = theta1 if norm_name == "l2" else theta1 / math.sqrt(3)
+    assert result.sigma[0].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_logits_and_probabilities_give_the_same_scales():
@@ -152,22 +200,25 @@ def test_model_is_frozen_and_restored_and_progress_counts_every_draw():
     assert sum(seen) == 2 * 3 * 5
 
 
-def test_projection_keeps_theta_above_the_isotropic_scale():
+@pytest.mark.parametrize("norm_name, unit", [("l2", 1.0), ("l1", math.sqrt(3))])
+def test_projection_keeps_theta_above_the_isotropic_scale(norm_name, unit):
     """A weight that dominates one dimension makes the objective push that θ down: the
-    projection holds it at θ_iso, and every θ_i stays >= θ_iso."""
+    projection holds it at θ_iso, and every θ_i stays >= θ_iso, with θ the authors'
+    parameter (σ for l2, λ = √3·σ for l1); the returned σ stays >= σ_iso exactly."""
     w = torch.tensor([8.0, 0.5, 0.5, 0.5, 0.5, 0.5])
     model = Linear(w, temperature=2.0)
     xs = _linear_inputs(w, 0.0, [1.0, 1.2, 1.5])
     sigma0 = torch.tensor([0.15, 0.15, 0.2])
-    result = optimize_anisotropic(model, xs, sigma0, "l2", iterations=30, samples=32)
+    result = optimize_anisotropic(model, xs, sigma0, norm_name, iterations=30, samples=32)
     lower = sigma0.view(3, 1, 1, 1).expand_as(result.sigma)
+    theta, theta_iso = result.sigma.flatten(1) * unit, lower.flatten(1) * unit
     assert (result.sigma >= lower).all()
-    assert (result.sigma.flatten(1)[:, 0] == sigma0).all()
-    assert (result.sigma.flatten(1)[:, 1:] > lower.flatten(1)[:, 1:]).all()
+    assert torch.allclose(theta[:, 0], theta_iso[:, 0], rtol=1e-6, atol=0)
+    assert (theta[:, 1:] > theta_iso[:, 1:] * (1 + 1e-3)).all()
 
 
 def test_isotropic_sigma_grows_where_the_gap_saturates_and_stays_positive():
-    model = Constant([5.0, -5.0])  # p1 > 0.999: gap is clamped, d(gap·σ)/dσ = gap > 0
+    model = Constant([5.0, -5.0])  # p1 > 0.999: gap is clamped, d(σ/2·gap)/dσ = gap/2 > 0
     result = optimize_isotropic(model, torch.rand(2, *SHAPE), 0.1, "l2", iterations=10, lr=0.01, samples=4)
     assert (result.sigma > 0.1).all()
     shrinking = optimize_isotropic(Constant([0.0, 0.0]), torch.rand(2, *SHAPE), 0.1, "l1",

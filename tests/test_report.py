@@ -1,19 +1,20 @@
 """`certify report`: certified-accuracy curves and statistics against hand computations,
-Cohen et al.'s published numbers, the plot, and the command line's one-line errors."""
+Cohen et al.'s published numbers, the plot (read back through matplotlib), and the command
+line's one-line errors."""
 
 import csv
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 
-from ancer.errors import ArgumentError
+from ancer.errors import ArgumentError, ResultsError
 from certify.cli import main
-from certify.report import (certified_accuracy, format_report, parse_radii, run_names,
-                            summarize)
+from certify.report import (certified_accuracy, format_report, parse_radii, plot_curves,
+                            run_names, setting_warnings, summarize)
 from certify.results import COLUMNS, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,15 @@ HAND_ACR = (0.5 + 0.25 + 1.0 + 0.1) / 6
 HAND_LOG_VOLUME = (-10 - 20 - 2 - 30) / 4
 
 
-def write_hand_tsv(path: Path, method: str = "ancer") -> Path:
-    lines = ["\t".join(COLUMNS)]
-    for idx, label, predict, radius, volume, log_volume in HAND_ROWS:
-        lines.append("\t".join(map(str, [
-            idx, label, predict, radius, int(predict == label), 2.5, "l2", method, 0.25, "nan",
-            0.9, radius, volume, log_volume, 100, 1000, 0.001, 900, f"{predict}:900", "fp32"])))
+def write_hand_tsv(path: Path, method: str = "ancer", norm: str = "l2", sigma: float = 0.25,
+                   n: int = 1000, samples: Optional[List[int]] = None) -> Path:
+    """The hand run; ``samples``: one forward-pass count per row (column left out if None)."""
+    lines = ["\t".join(COLUMNS if samples else COLUMNS[:-3])]
+    for number, (idx, label, predict, radius, volume, log_volume) in enumerate(HAND_ROWS):
+        fields = [idx, label, predict, radius, int(predict == label), 2.5, norm, method, sigma,
+                  "nan", 0.9, radius, volume, log_volume, 100, n, 0.001, 900, f"{predict}:900",
+                  "fp32"]
+        lines.append("\t".join(map(str, fields + (["-", -1, samples[number]] if samples else []))))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -53,10 +57,6 @@ def write_cohen_tsv(path: Path) -> Path:
                     "0\t3\t3\t0.378\t1\t15.4\n20\t7\t-1\t0.0\t0\t15.6\n"
                     "40\t4\t4\t0.5\t1\t0:00:15.700000\n60\t7\t2\t0.941\t0\t15.8\n")
     return path
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("ANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -114,14 +114,18 @@ def test_markdown_side_by_side(tmp_path, capsys):
     lines = out.splitlines()
     assert lines[0] == "| | ancer | noise_0.25 |"
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines[2:]}
+    assert rows["norm of the radii"] == ["l2", "l2 |"]
     # Cohen's file: correct rows idx 0 (0.378), 40 (0.5) of four.
     assert rows["certified accuracy @ r = 0"] == ["0.6667", "0.5000 |"]
     assert rows["certified accuracy @ r = 0.5"] == ["0.3333", "0.2500 |"]
-    assert rows["certified accuracy (volume radius) @ r = 0.5"] == ["0.5000", "— |"]
+    assert rows["share correct with volume radius >= 0.5 (not a certified accuracy)"] == [
+        "0.5000", "— |"]
+    assert not any("certified accuracy (volume" in label for label in rows)
     assert rows["abstain rate"] == ["0.1667", "0.2500 |"]
     assert rows["average certified radius (ACR)"] == [f"{HAND_ACR:.4f}", f"{0.878 / 4:.4f} |"]
     assert rows["mean log-volume (certified, correct)"] == ["-15.5000", "— |"]
     assert rows["inputs"] == ["6", "4 |"]
+    assert not any("forward passes" in label for label in rows)  # neither file records them
 
 
 def test_csv_full_precision(tmp_path, capsys):
@@ -130,9 +134,10 @@ def test_csv_full_precision(tmp_path, capsys):
     assert code == 0
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["quantity", "radius", "ancer"]
-    values = {(key, r): float(v) if v else None for key, r, v in rows[1:]}
+    assert rows[1] == ["norm", "", "l2"]
+    values = {(key, r): float(v) if v else None for key, r, v in rows[2:]}
     assert values[("certified_accuracy", "0.5")] == 2 / 6
-    assert values[("volume_certified_accuracy", "0.5")] == 3 / 6
+    assert values[("volume_radius_share", "0.5")] == 3 / 6
     assert values[("acr", "")] == pytest.approx(HAND_ACR, abs=1e-15)
     assert values[("mean_log_volume", "")] == HAND_LOG_VOLUME
     assert values[("rows", "")] == 6
@@ -149,18 +154,86 @@ def test_run_names_are_stems_unless_they_clash():
     assert run_names(["a/results.tsv", "b/results.tsv"]) == ["a/results", "b/results"]
 
 
-def test_plot_is_a_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    Image = pytest.importorskip("PIL.Image")
-    png = tmp_path / "curves.png"
-    code, _, err = run_cli(capsys, "report", str(write_hand_tsv(tmp_path / "ancer.tsv")),
-                           str(write_cohen_tsv(tmp_path / "cohen.tsv")), "--plot", str(png))
+def test_forward_passes_total_and_per_input(tmp_path, capsys):
+    """A sequential run (stops early per input) beside a fixed-n one (n0 + n = 1100 each)."""
+    sequential = write_hand_tsv(tmp_path / "seq.tsv", samples=[300, 1100, 200, 1100, 150, 250])
+    fixed = write_hand_tsv(tmp_path / "fixed.tsv", samples=[1100] * 6)
+    unknown = write_hand_tsv(tmp_path / "unknown.tsv", samples=[1100, -1, 1100, 1100, 1100, 1100])
+    code, out, err = run_cli(capsys, "report", str(sequential), str(fixed), str(unknown),
+                             str(write_cohen_tsv(tmp_path / "cohen")), "--radii", "0")
     assert code == 0 and err == ""
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.width >= 300 and image.height >= 200
-        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in out.splitlines()}
+    assert rows["forward passes (selection + estimation), total"] == ["3100", "6600", "—", "— |"]
+    assert rows["forward passes per input (mean)"] == [f"{3100 / 6:.1f}", "1100.0", "—", "— |"]
+
+
+def _hand_runs(tmp_path, **variants) -> list:
+    """(name, table) of the hand run written once per keyword (its write_hand_tsv options)."""
+    return [(name, read_results(write_hand_tsv(tmp_path / f"{name}.tsv", **options)))
+            for name, options in variants.items()]
+
+
+def test_plot_has_one_panel_per_norm_with_named_axes_fitted_limits_and_legends(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = _hand_runs(tmp_path, a2=dict(method="isotropic"), a1=dict(norm="l1"),
+                      b2=dict(method="isotropic", n=100000))
+    runs.append(("cohen", read_results(write_cohen_tsv(tmp_path / "cohen"))))
+    figure = plot_curves(runs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    l2, l1 = figure.axes
+    assert [l2.get_xlabel(), l1.get_xlabel()] == ["l2 radius", "l1 radius"]
+    assert l2.get_ylabel() == l1.get_ylabel() == "certified accuracy"
+    # Largest radius of a correct input: 1.0 (hand run), 0.5 (Cohen's): a little past it.
+    assert 1.0 < l2.get_xlim()[1] <= 1.1 and 1.0 < l1.get_xlim()[1] <= 1.1
+    assert l2.get_xlim()[0] == 0.0 and l2.get_ylim() == (0.0, 1.0)
+    assert [t.get_text() for t in l2.get_legend().get_texts()] == [
+        "a2 (n=1000, abstain 17%)", "b2 (n=100000, abstain 17%)",
+        "cohen (n unknown, abstain 25%)"]
+    assert [t.get_text() for t in l1.get_legend().get_texts()] == [
+        "a1 (n=1000, abstain 17%, proxy radius)"]
+
+
+def test_plot_x_axis_fits_the_data_not_the_radii(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "cohen"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.2\t1\t1.0\n"
+                    "1\t3\t4\t0.9\t0\t1.0\n")
+    figure = plot_curves([("cohen", read_results(path))], tmp_path / "c.png")
+    (axes,) = figure.axes
+    assert 0.2 < axes.get_xlim()[1] <= 0.22  # the correct input's radius, not the wrong one's
+    curve = axes.get_lines()[0]
+    assert curve.get_ydata()[0] == 0.5 and curve.get_ydata()[-1] == 0.0
+
+
+def test_plot_warns_when_runs_on_one_panel_differ_in_sigma_n_or_alpha(tmp_path):
+    runs = _hand_runs(tmp_path, a=dict(sigma=0.25), b=dict(sigma=0.5, n=100),
+                      c=dict(sigma=0.5, norm="l1"))
+    assert setting_warnings(runs) == [
+        "runs on the l2 panel differ in sigma (a 0.25, b 0.5): their curves are not like for like",
+        "runs on the l2 panel differ in n (a 1000, b 100): their curves are not like for like"]
+    cohen = ("cohen", read_results(write_cohen_tsv(tmp_path / "cohen")))
+    assert setting_warnings([runs[0], cohen]) == []  # Cohen's files record none of them
+
+
+def test_plot_is_written_into_a_new_folder_and_warnings_go_to_stderr(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "new" / "folder" / "curves.png"
+    a = write_hand_tsv(tmp_path / "a.tsv")
+    b = write_hand_tsv(tmp_path / "b.tsv", sigma=0.5)
+    code, out, err = run_cli(capsys, "report", str(a), str(b), "--plot", str(png))
+    assert code == 0 and out.startswith("| | a | b |")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert err.splitlines() == ["certify: warning: runs on the l2 panel differ in sigma "
+                                "(a 0.25, b 0.5): their curves are not like for like"]
+
+
+def test_a_file_mixing_norms_is_refused(tmp_path):
+    path = write_hand_tsv(tmp_path / "mixed.tsv")
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace("\tl2\t", "\tl1\t")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ResultsError, match="mixes l1 and l2 rows"):
+        summarize(read_results(path), [0.0], "mixed")
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
@@ -183,7 +256,7 @@ BAD_ARGUMENTS = [
     (["report", "{dir}/good.tsv", "--radii", "0:2"], "start:stop:step"),
     (["report", "{dir}/good.tsv", "--radii", "0:2:-1"], "step > 0"),
     (["report", "{dir}/good.tsv", "--format", "xml"], "invalid choice: 'xml'"),
-    (["report", "{dir}/good.tsv", "--plot", "{dir}/no/c.png"], "does not exist"),
+    (["report", "{dir}/good.tsv", "--plot", "{dir}/good.tsv/c.png"], "cannot write it"),
     (["report", "{dir}/good.tsv", "--plot", "{dir}/c.xyz"], "unknown image type"),
     (["report", "{dir}/good.tsv", "--bogus"], "unrecognized arguments: --bogus"),
 ]
@@ -217,9 +290,9 @@ def test_python_dash_m_certify_report(tmp_path):
                                         "stop >= start, e.g. 0:2:0.25"]
 
 
-def test_cohen_published_curve():
+def test_cohen_published_curve(shared_data):
     """Cohen et al. 2019, CIFAR-10 ResNet-110 at sigma = 0.25: 0.75 / 0.60 / 0.43 / 0.27."""
-    path = (shared_data_dir() / "reference-results" / "cohen2019"
+    path = (shared_data / "reference-results" / "cohen2019"
             / "cifar10_resnet110_noise_0.25_test_sigma_0.25.tsv")
     if not path.exists():
         pytest.skip(f"shared data absent: {path}")

@@ -242,7 +242,7 @@ def test_compiled_model_votes_as_the_eager_model_on_the_same_noise():
 
 def test_cuda_graphs_on_the_cpu_warn_and_are_ignored():
     with pytest.warns(AccelerationWarning, match="CUDA"):
-        runner = BatchRunner(noisy_cnn(), NUM_CLASSES, torch.device("cpu"), torch.float32, cuda_graphs=True)
+        runner = BatchRunner(noisy_cnn(), NUM_CLASSES, torch.device("cpu"), cuda_graphs=True)
     assert not runner.cuda_graphs
 
 

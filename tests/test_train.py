@@ -15,6 +15,7 @@ from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import registry
 from ancer.noise import Gaussian
 from ancer.train import TrainConfig, learning_rate, noisy_loss, preload, save_checkpoint, train
+from certify import train_cli
 from certify.cli import main as certify_main
 
 ASSETS = Path(__file__).resolve().parents[1] / "certify" / "assets"
@@ -216,6 +217,53 @@ def test_certify_train_command(tmp_path, capsys):
     assert certify_main(["train", *args, "--sigma", "-1"]) == 2  # one-line error, no traceback
     assert "certify: error:" in capsys.readouterr().err
     assert torch.load(tmp_path / "m.pth.tar", weights_only=True)["epoch"] == 3
+
+
+def test_certify_train_help_gives_every_flag_a_description_and_its_default(capsys):
+    assert certify_main(["train", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for action in train_cli.parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no description"
+        assert ("required)" if action.required else "(default") in action.help, action.help
+        if action.default not in (None, False):
+            assert f"(default {action.default}" in shown, action.option_strings[0]
+
+
+def _npz_args(tmp_path, items: int = 48) -> list:
+    """``certify train`` on an npz file of ``items`` colour images, one epoch into m.pth.tar."""
+    data = _colors(items)
+    np.savez(tmp_path / "d.npz", x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy())
+    return ["train", "--arch", TINY, "--dataset", "npz", "--data", str(tmp_path / "d.npz"),
+            "--sigma", "0.5", "--epochs", "1", "--batch-size", "16", "--quiet",
+            "--out", str(tmp_path / "m.pth.tar")]
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--batch-size", "64"], "fewer than --batch-size 64; lower --batch-size"),
+    (["--lr-gamma", "2"], "--lr-gamma must be"),
+    (["--sigma", "-1"], "--sigma must be"),
+    (["--workers", "-1"], "--workers must be"),
+    (["--threads", "0"], "--threads"),
+])
+def test_certify_train_errors_name_the_flags(tmp_path, capsys, extra, says):
+    assert certify_main(_npz_args(tmp_path) + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("certify: error: ") and says in err, err
+    assert "_" not in err.replace(str(tmp_path), "").replace("tiny_test_net", ""), err
+
+
+def test_certify_train_asks_for_resume_and_the_same_sigma_in_flags(tmp_path, capsys):
+    args = _npz_args(tmp_path)
+    assert certify_main(args) == 0
+    capsys.readouterr()
+    assert certify_main(args) == 2
+    assert "pass --resume to continue that run, or choose another --out" in capsys.readouterr().err
+    assert certify_main(args + ["--resume", "--sigma", "0.25"]) == 2
+    assert "trained with --sigma 0.5, not 0.25" in capsys.readouterr().err
+    with pytest.raises(ArgumentError, match=r"pass resume=True"):  # Python keeps its own words
+        train(TINY, _colors(), tmp_path / "m.pth.tar", _config(epochs=1))
 
 
 @pytest.mark.skipif(not (ASSETS / "cifar10_resnet20_sigma0.25.pth.tar").exists()

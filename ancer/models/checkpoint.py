@@ -8,6 +8,7 @@ object holds (which training code wrote it) is decided in :mod:`ancer.models.for
 import hashlib
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Union
@@ -66,7 +67,11 @@ def read_checkpoint(path: PathLike, trust: bool, map_location: torch.device) -> 
         )
     try:
         if is_torchscript(path):
-            return torch.jit.load(str(path), map_location=map_location)
+            with warnings.catch_warnings():
+                # users hold TorchScript checkpoints; reading them is this loader's job
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated",
+                                        category=DeprecationWarning)
+                return torch.jit.load(str(path), map_location=map_location)
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))

@@ -1,8 +1,7 @@
 """The normalization layer that every model starts with, and the datasets' statistics.
 
 As in Cohen et al. 2019 (code: locuslab/smoothing, ``code/datasets.py``), models take
-inputs in [0, 1] and normalize inside, so that noise is added in pixel space
-(DESIGN.md §4). The layer holds no state: checkpoints of ``Sequential(NormalizeLayer,
+inputs in [0, 1] and normalize inside, so that noise is added in pixel space. The layer holds no state: checkpoints of ``Sequential(NormalizeLayer,
 net)`` have only ``1.<...>`` keys.
 """
 from typing import Dict, Sequence, Tuple

@@ -1,0 +1,186 @@
+"""Sequential against fixed-n CERTIFY: the same certified curve for far fewer forward passes.
+
+Both runs go through the library's engine (``ancer.Certifier``) on the same model, images,
+seed and settings; only ``sequential`` differs. The comparison is machine-independent where
+it matters: forward passes (``Certificate.samples``, selection included) and certified
+accuracy at each radius. Wall-clock times of the two runs come from the same process.
+
+Also measured, in the same run: the engine's CPU throughput with and without
+``torch.compile`` against Cohen et al.'s ``core.py`` loop (``ancer.reference``), and the
+compile's break-even (the forward passes from which compiling pays for itself), which sets
+``ancer.engine.CPU_COMPILE_BREAK_EVEN``.
+
+    PYTHONPATH=. python3 benchmarks/bench_sequential.py                 # shipped ResNet-20, 100 images
+    PYTHONPATH=. python3 benchmarks/bench_sequential.py --n 10000 \\
+        --model ../shared/data/models/cifar10_r110_sigma0.25.pth.tar \\
+        --data ../shared/data/cifar10/cifar10-test-exact-first100.npz --tag resnet110
+
+Results go to ``benchmarks/results/sequential-<tag>-<device>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_label, environment, markdown_table, synchronize, write_results  # noqa: E402
+
+from ancer import Certifier, CertifyConfig, load_dataset, load_model  # noqa: E402
+from ancer.reference import reference_certify  # noqa: E402
+from certify.demo import CHECKPOINT, SAMPLE  # noqa: E402
+
+
+def certify_all(certifier: Certifier, dataset, group: int) -> Dict[str, object]:
+    """Certify every input of ``dataset`` in groups; labels, predictions, radii, samples, time."""
+    labels, predictions, radii, samples = [], [], [], []
+    synchronize(certifier.device)
+    start = time.perf_counter()
+    for first in range(0, len(dataset), group):
+        positions = range(first, min(first + group, len(dataset)))
+        xs = torch.stack([dataset[p][0] for p in positions])
+        indices = [int(dataset.indices[p]) for p in positions]
+        for p, certificate in zip(positions, certifier.certify_batch(xs, indices)):
+            labels.append(int(dataset[p][1]))
+            predictions.append(int(certificate.label))
+            radii.append(float(certificate.radius))
+            samples.append(int(certificate.samples))
+    synchronize(certifier.device)
+    return {"labels": labels, "predictions": predictions, "radii": radii, "samples": samples,
+            "seconds": time.perf_counter() - start}
+
+
+def certified_accuracy(run: Dict[str, object], radius: float) -> float:
+    """Share of inputs predicted correctly with a certified radius >= ``radius`` (Cohen et al.)."""
+    hits = [p == l and r >= radius for p, l, r in zip(run["predictions"], run["labels"], run["radii"])]
+    return float(np.mean(hits))
+
+
+def throughput(loaded, dataset, config: CertifyConfig, compile: str, n: int, inputs: int) -> Dict[str, float]:
+    """Samples per second of fixed-n CERTIFY at ``n`` on ``inputs`` inputs, after a warm-up
+    call (whose time, compile included, is reported as ``first_call_seconds``)."""
+    certifier = Certifier(loaded, config.replace(n=n, compile=compile))
+    xs = torch.stack([dataset[p][0] for p in range(inputs)])
+    start = time.perf_counter()
+    certifier.certify_batch(xs[:1], [0])
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    certifier.certify_batch(xs, list(range(inputs)))
+    seconds = time.perf_counter() - start
+    return {"samples_per_second": inputs * (config.n0 + n) / seconds,
+            "first_call_seconds": first, "compiled": bool(certifier.smoothed.runner.is_compiled)}
+
+
+def reference_throughput(loaded, dataset, sigma: float, n0: int, n: int, batch: int,
+                         inputs: int) -> float:
+    """Samples per second of Cohen et al.'s loop (``ancer.reference``), same model and sizes."""
+    model = loaded.model.eval()
+    start = time.perf_counter()
+    for p in range(inputs):
+        reference_certify(model, dataset[p][0], n0, n, 0.001, sigma, loaded.num_classes, batch)
+    return inputs * (n0 + n) / (time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(CHECKPOINT), help="checkpoint (default: the shipped ResNet-20)")
+    parser.add_argument("--data", default=str(SAMPLE), help=".npz of x, y (default: the shipped CIFAR-10 sample)")
+    parser.add_argument("--max", type=int, default=100, help="inputs (default 100)")
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n", type=int, default=100_000, help="fixed n, and the sequential budget")
+    parser.add_argument("--radii", default="0.25,0.5,0.75")
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--group", type=int, default=10, help="inputs certified together")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--speed-n", type=int, default=2000, help="n of the throughput runs")
+    parser.add_argument("--speed-inputs", type=int, default=4, help="inputs of the throughput runs")
+    parser.add_argument("--no-speed", action="store_true", help="skip the throughput runs")
+    parser.add_argument("--tag", default="resnet20")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    radii = tuple(float(r) for r in args.radii.split(","))
+    loaded = load_model(args.model, map_location=device)
+    dataset = load_dataset("npz", args.data, max=args.max, num_classes=loaded.num_classes)
+    base = CertifyConfig(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                         batch=args.batch, compile=args.compile)
+    planned = len(dataset) * (args.n0 + args.n)
+    runs = {}
+    for name, config in (("sequential", base.replace(sequential=True, radii=radii)), ("fixed", base)):
+        certifier = Certifier(loaded, config, device=device, planned_samples=planned)
+        runs[name] = certify_all(certifier, dataset, args.group)
+        runs[name]["compiled"] = bool(certifier.smoothed.runner.is_compiled)
+        print(f"{name}: {sum(runs[name]['samples']):,} forward passes, "
+              f"{runs[name]['seconds']:.1f} s", flush=True)
+    grid = (0.0,) + radii
+    accuracy = {name: [certified_accuracy(run, r) for r in grid] for name, run in runs.items()}
+    passes = {name: int(sum(run["samples"])) for name, run in runs.items()}
+    result: Dict[str, object] = {
+        "environment": environment(device), "model": Path(args.model).name,
+        "data": Path(args.data).name, "inputs": len(dataset), "sigma": args.sigma,
+        "alpha": args.alpha, "n0": args.n0, "n": args.n, "radii": list(radii),
+        "batch": args.batch, "group": args.group,
+        "certified_accuracy": {name: dict(zip(map(str, grid), acc)) for name, acc in accuracy.items()},
+        "largest_difference_points": 100 * max(abs(a - b) for a, b in zip(*accuracy.values())),
+        "forward_passes": passes,
+        "forward_pass_ratio": passes["fixed"] / passes["sequential"],
+        "seconds": {name: run["seconds"] for name, run in runs.items()},
+        "wall_clock_ratio": runs["fixed"]["seconds"] / runs["sequential"]["seconds"],
+        "samples_per_input_sequential": {
+            "min": int(min(runs["sequential"]["samples"])),
+            "median": float(np.median(runs["sequential"]["samples"])),
+            "max": int(max(runs["sequential"]["samples"]))},
+        "compiled": {name: run["compiled"] for name, run in runs.items()},
+    }
+    if not args.no_speed:
+        reference = reference_throughput(loaded, dataset, args.sigma, args.n0, args.speed_n,
+                                         args.batch, args.speed_inputs)
+        eager = throughput(loaded, dataset, base, "off", args.speed_n, args.speed_inputs)
+        compiled = throughput(loaded, dataset, base, "on", args.speed_n, args.speed_inputs)
+        saving = 1 / eager["samples_per_second"] - 1 / compiled["samples_per_second"]
+        compile_cost = compiled["first_call_seconds"] - eager["first_call_seconds"]
+        result["speed"] = {
+            "reference_samples_per_second": reference, "eager": eager, "compiled": compiled,
+            "eager_vs_reference": eager["samples_per_second"] / reference,
+            "compiled_vs_reference": compiled["samples_per_second"] / reference,
+            "compile_seconds": compile_cost,
+            "break_even_samples": (compile_cost / saving) if saving > 0 else math.inf,
+        }
+    header = ["", "fixed n", "sequential"]
+    rows: List[List[object]] = [[f"certified accuracy @ {r:g}", f"{a:.2f}", f"{b:.2f}"]
+                                for r, a, b in zip(grid, accuracy["fixed"], accuracy["sequential"])]
+    rows.append(["forward passes", f"{passes['fixed']:,}", f"{passes['sequential']:,}"])
+    rows.append(["seconds", f"{runs['fixed']['seconds']:.1f}", f"{runs['sequential']['seconds']:.1f}"])
+    markdown = (f"# Sequential vs fixed-n CERTIFY: {result['model']}, {len(dataset)} images of "
+                f"{result['data']}\n\nσ = {args.sigma}, alpha = {args.alpha}, n0 = {args.n0}, "
+                f"n (budget) = {args.n}, radii {args.radii}; device {device_label(device)}.\n\n"
+                + markdown_table(header, rows)
+                + f"\nForward passes: {result['forward_pass_ratio']:.1f}x fewer; wall clock "
+                f"{result['wall_clock_ratio']:.1f}x; largest certified-accuracy difference "
+                f"{result['largest_difference_points']:.0f} points.\n")
+    if "speed" in result:
+        speed = result["speed"]
+        markdown += (f"\nThroughput (n = {args.speed_n}, {args.speed_inputs} inputs): Cohen et al.'s "
+                     f"loop {speed['reference_samples_per_second']:.0f} samples/s; engine eager "
+                     f"{speed['eager_vs_reference']:.2f}x, compiled {speed['compiled_vs_reference']:.2f}x "
+                     f"(compiled: {speed['compiled']['compiled']}); compile costs "
+                     f"{speed['compile_seconds']:.0f} s, repaid after "
+                     f"{speed['break_even_samples']:,.0f} forward passes.\n")
+    paths = write_results(f"sequential-{args.tag}-{device_label(device)}", result, markdown)
+    print(markdown)
+    print("written:", *paths)
+
+
+if __name__ == "__main__":
+    main()

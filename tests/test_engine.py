@@ -1,0 +1,188 @@
+"""The library's engine (``ancer.Certifier``): one object for every method, the one the
+command line runs.
+
+- The command line's rows equal the engine's certificates, for isotropic, dds and ancer, l2
+  and l1: ``certify/`` adds files, not method logic.
+- A config is validated once, each bad field named in one line.
+- Through the engine, with the memory on, certificates of a linear classifier (closed-form
+  smoothed probability and distance to the boundary) are wrong at most as often as alpha
+  allows.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom, norm
+
+from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, load_model
+from ancer.memory import KEPT, Memory
+from certify.replay import outcome_text
+from certify.results import read_results
+from cli_helpers import certify, dataset_tensors, make_files
+
+SMALL = dict(n0=50, n=200, batch=200)
+OPTIMIZER = dict(opt_iterations=3, opt_samples=16)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_files(tmp_path_factory.mktemp("engine"))
+
+
+def _cli_flags(config: CertifyConfig) -> list[str]:
+    flags = ["--sigma", repr(config.sigma), "--norm", config.norm, "--method", config.method,
+             "--n0", str(config.n0), "--n", str(config.n), "--batch", str(config.batch)]
+    if config.method != "isotropic":
+        flags += ["--opt-iterations", str(config.opt_iterations),
+                  "--opt-samples", str(config.opt_samples)]
+    return flags
+
+
+@pytest.mark.parametrize("norm_name", ["l2", "l1"])
+@pytest.mark.parametrize("method", ["isotropic", "dds", "ancer"])
+def test_cli_rows_equal_the_engine_certificates(files, tmp_path, method, norm_name):
+    options = {} if method == "isotropic" else OPTIMIZER
+    config = CertifyConfig(sigma=0.25, norm=norm_name, method=method, **SMALL, **options)
+    out = tmp_path / "run.tsv"
+    group, count = 3, 7
+    assert certify("--model", str(files["model"]), "--data", str(files["data"]), "--quiet",
+                   "--max", str(count), "--inputs-per-batch", str(group), "--out", str(out),
+                   *_cli_flags(config)) == 0
+    table = read_results(out)
+    engine = Certifier(load_model(files["model"]), config)
+    xs, labels = dataset_tensors(files["data"])
+    certificates = []
+    for start in range(0, count, group):
+        indices = list(range(start, min(start + group, count)))
+        certificates += engine.certify_batch(xs[indices], indices)
+    assert len(table) == count
+    for row, certificate in enumerate(certificates):
+        assert table.columns["predict"][row] == certificate.label
+        assert table.columns["radius"][row] == certificate.radius
+        assert table.columns["log_volume"][row] == certificate.log_volume
+        assert table.columns["p_lower"][row] == certificate.p_lower
+        assert table.columns["samples"][row] == certificate.samples == config.n0 + config.n
+        if method == "isotropic":
+            assert certificate.memory is None and table.columns["memory"][row] == "-"
+        else:
+            assert table.columns["memory"][row] == outcome_text(certificate.memory, engine.memory)
+    assert (table.columns["predict"] != ABSTAIN).any()
+
+
+def test_one_input_equals_its_place_in_a_batch(files):
+    xs, _ = dataset_tensors(files["data"])
+    engine = Certifier(load_model(files["model"]), CertifyConfig(sigma=0.25, **SMALL))
+    batch = engine.certify_batch(xs[:4], [10, 11, 12, 13])
+    alone = engine.certify(xs[2], idx=12)
+    assert (alone.label, alone.p_lower, alone.radius) == (batch[2].label, batch[2].p_lower,
+                                                         batch[2].radius)
+    np.testing.assert_array_equal(alone.counts, batch[2].counts)
+
+
+def test_ancer_certificate_carries_scales_and_memory(files):
+    xs, _ = dataset_tensors(files["data"])
+    engine = Certifier(load_model(files["model"]),
+                       CertifyConfig(sigma=0.25, method="ancer", **SMALL, **OPTIMIZER))
+    answers = [engine.certify(xs[i], idx=i) for i in range(4)]
+    for certificate in answers:
+        assert certificate.noise.sigma.shape == xs[0].shape
+        assert bool((certificate.noise.sigma >= 0.25 - 1e-7).all())
+        assert certificate.start_sigma == pytest.approx(0.25)
+    actions = [c.memory.action for c in answers]
+    first = next(i for i, c in enumerate(answers) if c.label != ABSTAIN)
+    assert actions[first] == KEPT and set(actions[:first]) <= {"abstained"}
+    assert engine.memory.processed == [0, 1, 2, 3]
+
+
+BAD_FIELDS = [
+    ({"sigma": 0}, "sigma"), ({"sigma": -1}, "sigma"), ({"sigma": "x"}, "sigma"),
+    ({"alpha": 1.5}, "alpha"), ({"alpha": 0}, "alpha"), ({"n0": 0}, "n0"), ({"n": 2.5}, "n"),
+    ({"norm": "linf"}, "norm"), ({"method": "ddrs"}, "method"), ({"precision": "fp8"}, "precision"),
+    ({"compile": "yes"}, "compile"), ({"batch": 0}, "batch"), ({"seed": 1.5}, "seed"),
+    ({"theta0": "dds"}, "theta0"), ({"opt_lr": 0.1}, "method"),
+    ({"method": "dds", "kappa": 2.0}, "kappa"), ({"radii": (0.5,)}, "radii"),
+    ({"sequential": True}, "radii"), ({"sequential": True, "radii": (0.5, 0.25)}, "radii"),
+    ({"sequential": True, "radii": (-0.5,)}, "radii"), ({"sequential": True, "radii": ()}, "radii"),
+]
+
+
+@pytest.mark.parametrize("fields, named", BAD_FIELDS)
+def test_each_bad_field_is_named_in_one_line(fields, named):
+    with pytest.raises(ArgumentError) as caught:
+        CertifyConfig(**{"sigma": 0.25, **fields})
+    message = str(caught.value)
+    assert message.startswith(f"CertifyConfig.{named}:") and "\n" not in message
+
+
+def test_config_is_frozen_and_replace_validates_again():
+    config = CertifyConfig(sigma=0.25)
+    with pytest.raises(AttributeError):
+        config.sigma = 0.5
+    assert config.replace(n=10).n == 10
+    with pytest.raises(ArgumentError, match="CertifyConfig.n:"):
+        config.replace(n=0)
+
+
+def test_engine_refuses_a_plain_module_without_classes_and_a_memory_of_another_norm(files):
+    module = torch.jit.load(str(files["model"]))
+    with pytest.raises(ArgumentError, match="num_classes"):
+        Certifier(module, CertifyConfig(sigma=0.25))
+    with pytest.raises(ArgumentError, match="l1"):
+        Certifier(module, CertifyConfig(sigma=0.25, method="dds"), 3, memory=Memory("l1"))
+
+
+class ProbabilityModel(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x.flatten(1)[:, :3] * 10, dim=1)
+
+
+def test_a_probability_model_said_to_give_logits_is_detected():
+    engine = Certifier(ProbabilityModel(), CertifyConfig(sigma=0.25, method="dds", **SMALL,
+                                                         **OPTIMIZER), 3)
+    with pytest.warns(UserWarning, match="probabilities"):
+        engine.certify(torch.full((3, 2, 2), 0.5), idx=0)
+
+
+class Linear(torch.nn.Module):
+    """Scores (-z, z) with z = w·x + b: class 1 iff w·x + b >= 0."""
+
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone().float(), requires_grad=False)
+        self.b = b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1) @ self.w + self.b
+        return torch.stack([-z, z], dim=1)
+
+
+@pytest.mark.filterwarnings("ignore::ancer.smoothing.InputRangeWarning")
+def test_linear_classifier_through_the_engine_with_the_memory_is_sound():
+    """dds on a linear classifier: each answered ball must hold the smoothed class of its
+    σ(x) and stay inside the boundary (distance |w·x + b| / ||w||), except with probability
+    alpha per input; the memory's answers must keep regions of different classes apart."""
+    torch.manual_seed(0)
+    d, alpha, trials = 6, 0.05, 120
+    w, b = torch.randn(d), 0.1
+    margins = torch.linspace(-1.0, 1.0, trials) * float(w.norm())
+    base = torch.full((d,), 0.5)
+    xs = base + ((margins - (base @ w + b)) / (w @ w))[:, None] * w
+    config = CertifyConfig(sigma=0.3, method="dds", n0=50, n=2000, alpha=alpha, batch=4000,
+                           opt_iterations=5, opt_samples=32, seed=3)
+    engine = Certifier(Linear(w, b), config, 2)
+    certificates = engine.certify_batch(xs, list(range(trials)))
+    violations = answered = 0
+    for margin, certificate in zip(margins.tolist(), certificates):
+        if certificate.label == ABSTAIN:
+            continue
+        answered += 1
+        distance = abs(margin) / float(w.norm())
+        violations += certificate.label != int(margin >= 0) or certificate.radius > distance
+    assert violations <= binom.ppf(0.999, trials, alpha)
+    assert answered > trials // 2
+    assert engine.memory.counts["inputs"] == trials
+    sigma = np.array([float(c.noise.sigma) for c in certificates])
+    assert sigma.std() > 0  # the scales really are data-dependent

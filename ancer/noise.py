@@ -134,11 +134,6 @@ class Noise(ABC):
         out.mul_(self.scale_on(out.device))
         return out.add_(x)
 
-    def reparameterize(self, x: torch.Tensor, sigma: Scale, eps: torch.Tensor) -> torch.Tensor:
-        """x + scale(σ)·ε with ε drawn separately (``draw_standard_``), differentiable in σ:
-        the form the optimizers use to follow gradients through the scale."""
-        return x + self.scale_from_sigma(sigma) * eps
-
     # -- certification -------------------------------------------------------------------
     @staticmethod
     @abstractmethod

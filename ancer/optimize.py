@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ancer.accelerate import autocast, check_precision
-from ancer.devices import model_device, model_dtype
+from ancer.devices import model_device
 from ancer.errors import ArgumentError
 from ancer.noise import NOISES, Noise
 from ancer.seeding import derive_seed, make_generator
@@ -317,7 +317,7 @@ class _Problem:
         max_batch = check_count("max_batch", max_batch)
         check_precision(precision)
         device = model_device(model)
-        xs = _check_inputs(xs).to(device=device, dtype=model_dtype(model))
+        xs = _check_inputs(xs).to(device=device, dtype=torch.float32)  # lower precision: autocast only
         sigma0 = _initial_scales(scale0, len(xs))
         shape = (len(xs), *xs.shape[1:]) if per_dimension else (len(xs),)
         theta = to_theta(sigma0, norm).view(-1, *[1] * (len(shape) - 1)).expand(shape).to(device).clone()

@@ -95,7 +95,9 @@ def run_parser() -> argparse.ArgumentParser:
     optimizer.add_argument("--opt-iterations", type=_positive_int, metavar="T",
                            help="optimizer steps per input (default: the method's, 100 for ancer)")
     optimizer.add_argument("--opt-lr", type=_positive_float, metavar="LR",
-                           help="optimizer learning rate (default: the method's, 0.04 for ancer)")
+                           help="optimizer learning rate (default: the method's, 0.04 for ancer, "
+                                "1e-4 for dds), in the units the authors' optimizers move: σ for "
+                                "l2, the uniform half-width λ = √3σ for l1")
     optimizer.add_argument("--opt-samples", type=_positive_int, metavar="M",
                            help="noise samples per optimizer step (default: the method's, "
                                 "100 for ancer)")

@@ -158,12 +158,13 @@ def test_forward_passes_total_and_per_input(tmp_path, capsys):
     """A sequential run (stops early per input) beside a fixed-n one (n0 + n = 1100 each)."""
     sequential = write_hand_tsv(tmp_path / "seq.tsv", samples=[300, 1100, 200, 1100, 150, 250])
     fixed = write_hand_tsv(tmp_path / "fixed.tsv", samples=[1100] * 6)
-    unknown = write_hand_tsv(tmp_path / "unknown.tsv", samples=[1100, -1, 1100, 1100, 1100, 1100])
+    unknown = write_hand_tsv(tmp_path / "unknown.tsv", samples=[1100, -1] + [1100] * 4)
     code, out, err = run_cli(capsys, "report", str(sequential), str(fixed), str(unknown),
                              str(write_cohen_tsv(tmp_path / "cohen")), "--radii", "0")
     assert code == 0 and err == ""
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in out.splitlines()}
-    assert rows["forward passes (selection + estimation), total"] == ["3100", "6600", "—", "— |"]
+    total = rows["forward passes (selection + estimation), total"]
+    assert total == ["3100", "6600", "—", "— |"]
     assert rows["forward passes per input (mean)"] == [f"{3100 / 6:.1f}", "1100.0", "—", "— |"]
 
 

@@ -217,12 +217,12 @@ def test_files_without_the_memory_column_still_read(tmp_path):
     line = "\t".join(["3", "1", "1", "0.5", "1", "2.5", "l2", "isotropic", "0.25", "nan", "0.9",
                       "0.5", "0.5", "-3.0", "100", "1000", "0.001", "950", "1:950,0:50", "fp32"])
     older = tmp_path / "older.tsv"  # written before the column existed
-    older.write_text("\t".join(COLUMNS[:-2]) + "\n" + line + "\n")
+    older.write_text("\t".join(COLUMNS[:COLUMNS.index("memory")]) + "\n" + line + "\n")
     table = read_results(older)
     assert "memory" not in table.columns and table.row(0).memory == "-"
     assert table.row(0).count_label == -1
     assert memory_counts(table) is None
-    assert table.row(0).to_line() == line + "\t-\t-1\n"
+    assert table.row(0).to_line() == line + "\t-\t-1\t-1\tclopper-pearson\n"
     by_hand = tmp_path / "by_hand.tsv"  # today's header, rows without the trailing columns
     by_hand.write_text("\t".join(COLUMNS) + "\n" + line + "\n")
     assert list(read_results(by_hand).columns["memory"]) == ["-"]

@@ -44,7 +44,7 @@ from ancer.noise import Noise, noise_for_norm
 from ancer.optimize import optimize_anisotropic, optimize_isotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Certificate, Smoothed
-from ancer.stats import check_alpha, check_count
+from ancer.stats import check_alpha
 
 #: the methods, and those whose scales depend on the input (certified through the memory)
 METHODS = ("isotropic", "dds", "ancer")
@@ -61,8 +61,8 @@ OPTIMIZER_DEFAULTS = {
 }
 
 #: forward passes on a CPU from which ``compile="auto"`` compiles the model: below this a
-#: run does not repay the compile (measured by ``benchmarks/bench_compile.py``)
-CPU_COMPILE_BREAK_EVEN = 200_000
+#: run does not repay the compile (``benchmarks/bench_sequential.py`` measures the break-even)
+CPU_COMPILE_BREAK_EVEN = 50_000
 
 ProgressCallback = Callable[[int], None]
 
@@ -279,10 +279,12 @@ class Certifier:
     def _resolve_compile(self, device: Optional[Union[str, torch.device]], model: nn.Module,
                          planned_samples: Optional[int]) -> Union[bool, str]:
         """``Smoothed``'s compile argument: "auto" compiles on CUDA; on a CPU only when the
-        planned forward passes reach ``CPU_COMPILE_BREAK_EVEN``."""
+        planned forward passes reach ``CPU_COMPILE_BREAK_EVEN``; never a TorchScript model."""
         choice = self.config.compile
         if choice != "auto":
             return choice == "on"
+        if isinstance(model, torch.jit.ScriptModule):  # torch.compile cannot take TorchScript
+            return False
         where = torch.device(device) if device is not None else next(
             (t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
         if where.type == "cuda":

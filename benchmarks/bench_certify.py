@@ -1,11 +1,11 @@
 """Time per input of ``Smoothed.certify`` against Cohen et al.'s reference loop, in one run.
 
-Default (issue 2): one model (``--model small|resnet110|resnet50``), the reference loop
+Default: one model (``--model small|resnet110|resnet50``), the reference loop
 (``ancer.reference``: fp32, ``x.repeat``, ``randn_like``, counts copied to the host every
 batch), ``Smoothed`` with its defaults, and ``Smoothed`` with the fastest options;
 writes ``results/<device>-certify-<model>.{json,md}``.
 
-``--suite`` (issue 6): CIFAR ResNet-110 and ImageNet ResNet-50 (random weights), the
+``--suite``: CIFAR ResNet-110 and ImageNet ResNet-50 (random weights), the
 reference loop, ``Smoothed`` at its defaults, with no optimization, each optimization alone,
 all of them, and all but each; for every configuration also the forward-only throughput of
 the same engine; the ceiling is the best forward throughput of the model measured in this

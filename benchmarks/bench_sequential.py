@@ -12,8 +12,7 @@ compile's break-even (the forward passes from which compiling pays for itself), 
 
     PYTHONPATH=. python3 benchmarks/bench_sequential.py                 # shipped ResNet-20, 100 images
     PYTHONPATH=. python3 benchmarks/bench_sequential.py --n 10000 \\
-        --model ../shared/data/models/cifar10_r110_sigma0.25.pth.tar \\
-        --data ../shared/data/cifar10/cifar10-test-exact-first100.npz --tag resnet110
+        --model cifar10_r110_sigma0.25.pth.tar --data cifar10-test-first100.npz --tag resnet110
 
 Results go to ``benchmarks/results/sequential-<tag>-<device>.{json,md}``.
 """
@@ -100,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--group", type=int, default=10, help="inputs certified together")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="both runs certify the model as evaluated in this precision")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--speed-n", type=int, default=2000, help="n of the throughput runs")
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     loaded = load_model(args.model, map_location=device)
     dataset = load_dataset("npz", args.data, max=args.max, num_classes=loaded.num_classes)
     base = CertifyConfig(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                         batch=args.batch, compile=args.compile)
+                         batch=args.batch, compile=args.compile, precision=args.precision)
     planned = len(dataset) * (args.n0 + args.n)
     runs = {}
     for name, config in (("sequential", base.replace(sequential=True, radii=radii)), ("fixed", base)):
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "environment": environment(device), "model": Path(args.model).name,
         "data": Path(args.data).name, "inputs": len(dataset), "sigma": args.sigma,
         "alpha": args.alpha, "n0": args.n0, "n": args.n, "radii": list(radii),
-        "batch": args.batch, "group": args.group,
+        "batch": args.batch, "group": args.group, "precision": args.precision,
         "certified_accuracy": {name: dict(zip(map(str, grid), acc)) for name, acc in accuracy.items()},
         "largest_difference_points": 100 * max(abs(a - b) for a, b in zip(*accuracy.values())),
         "forward_passes": passes,
@@ -164,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows.append(["seconds", f"{runs['fixed']['seconds']:.1f}", f"{runs['sequential']['seconds']:.1f}"])
     markdown = (f"# Sequential vs fixed-n CERTIFY: {result['model']}, {len(dataset)} images of "
                 f"{result['data']}\n\nσ = {args.sigma}, alpha = {args.alpha}, n0 = {args.n0}, "
-                f"n (budget) = {args.n}, radii {args.radii}; device {device_label(device)}.\n\n"
+                f"n (budget) = {args.n}, radii {args.radii}, precision {args.precision}; "
+                f"device {device_label(device)}.\n\n"
                 + markdown_table(header, rows)
                 + f"\nForward passes: {result['forward_pass_ratio']:.1f}x fewer; wall clock "
                 f"{result['wall_clock_ratio']:.1f}x; largest certified-accuracy difference "

@@ -13,12 +13,10 @@ exit status 2 (usage) or 1 (any other ancer error); no traceback.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ancer.errors import AncerError, ArgumentError
 from certify import demo, distributed, jobs, merge, replay, report, results
@@ -61,7 +59,8 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--skip", type=_positive_int, default=1, metavar="K",
                       help="certify every K-th input (Cohen et al. use 20 on CIFAR-10; default 1)")
     what.add_argument("--max", type=_positive_int, metavar="N",
-                      help="certify at most N inputs (default: all)")
+                      help="stop before dataset index N, as Cohen et al.'s certify.py does: "
+                           "with --skip K that is about N/K inputs (default: all)")
     what.add_argument("--demo", action="store_true",
                       help="certify the small model and images shipped in the package, then report")
 
@@ -115,8 +114,8 @@ def run_parser() -> argparse.ArgumentParser:
                               "scale search); the certificate is about the model as evaluated "
                               "(default fp32)")
     compute.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                         help="torch.compile the model: auto = on CUDA only (on a CPU, on "
-                              "may save up to 40%% after a minute of compiling); a model that "
+                         help="torch.compile the model: auto = on CUDA, and on a CPU when the run "
+                              "plans enough forward passes to repay compiling; a model that "
                               "fails to compile runs eagerly, with a warning (default auto)")
     compute.add_argument("--cuda-graphs", action="store_true",
                          help="CUDA: replay each full forward batch from a recorded CUDA "
@@ -183,19 +182,19 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """``certify report``: the table on stdout; with --plot, the image and a warning for each
-    setting in which the runs of one panel differ."""
+    """``certify report``: the table on stdout (and with --plot the image), and a warning
+    for each setting in which runs of one norm differ."""
     radii = report.parse_radii(args.radii)
     tables = [results.read_results(path) for path in args.results]
     names = report.run_names(args.results)
     _warn_dropped((t.path, t.partial_line) for t in tables if t.partial_line is not None)
     summaries = [report.summarize(t, radii, name) for t, name in zip(tables, names)]
     _warn_raw(summaries)
+    runs = list(zip(names, tables))
     if args.plot:
-        runs = list(zip(names, tables))
         report.plot_curves(runs, args.plot)
-        for warning in report.setting_warnings(runs):
-            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    for warning in report.setting_warnings(runs):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     sys.stdout.write(report.format_report(summaries, radii, args.format))
     return 0
 

@@ -1,10 +1,9 @@
 """A certification run over a dataset: resumable, sharded, locked, one TSV row per input.
 
 The per-input protocol (scales, CERTIFY, memory) is the library's engine,
-:class:`ancer.engine.Certifier`; this module adds what a command line needs around it:
+:class:`ancer.engine.Certifier`; this module only drives it over a dataset:
 
-1. load the model and the dataset (``--skip``/``--max``), and build the engine from the
-   run's :class:`ancer.engine.CertifyConfig`;
+1. load the model and the dataset and build the engine (:mod:`certify.prepare`);
 2. cut the selection into groups of ``inputs_per_batch`` consecutive inputs, and take this
    process's share of the groups (``--shard I/K`` or the torchrun rank: the groups whose
    number is I mod K);
@@ -28,38 +27,26 @@ settings equal): the new inputs are certified after the old ones.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import platform
-import socket
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 
-import ancer
-from ancer.data import ImageDataset, load_dataset
-from ancer.engine import Certifier, CertifyConfig
-from ancer.errors import ArgumentError, DatasetError, ResultsError
+from ancer.errors import ArgumentError, ResultsError
 from ancer.memory import Memory
-from ancer.models import LoadedModel, load_model
-from ancer.smoothing import Certificate
 from certify import distributed, merge
-from certify.demo import SAMPLE as SHIPPED_CIFAR10
-from certify.distributed import Launch
 from certify.lock import RunLock
+from certify.prepare import Job, RunSpec, prepare
 from certify.progress import Progress
-from certify.replay import NO_MEMORY, RAW, memory_path, outcome_text
-from certify.results import (COLUMNS, Row, ResultsWriter, add_sidecar_info, base_name,
-                             done_indices, open_results, read_results, read_sidecar, shard_path)
+from certify.replay import memory_path
+from certify.results import (Row, ResultsWriter, add_sidecar_info, base_name, done_indices,
+                             open_results, read_results, read_sidecar, shard_path)
+from certify.rows import check_recomputed, make_row, memory_text
 from certify.scales import ScalesWriter, open_scales
 
-#: the checkpoint's normalization dataset -> the reader of its test set
-_READERS_OF = {"cifar10": "cifar10", "imagenet": "imagenet"}
+__all__ = ["Interrupted", "Job", "RunSpec", "certify_inputs", "prepare", "run"]
 
 
 class Interrupted(Exception):
@@ -70,193 +57,6 @@ class Interrupted(Exception):
                          "resume")
         self.path = path
         self.rows = rows
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a command-line run adds to the engine's config: the files and the selection.
-
-    ``data`` None certifies the CIFAR-10 test images shipped with the package (CIFAR-10
-    models only); ``inputs_per_batch`` None fills one forward batch with the group's n0
-    selection draws; ``shard`` is (i, k) or None."""
-
-    model: str
-    out: Path
-    data: Optional[str] = None
-    dataset: Optional[str] = None
-    synsets: Optional[str] = None
-    skip: int = 1
-    max: Optional[int] = None
-    device: Optional[str] = None
-    inputs_per_batch: Optional[int] = None
-    shard: Optional[tuple[int, int]] = None
-    quiet: bool = False
-
-
-@dataclass
-class Job:
-    """Everything one run needs, loaded and validated; make one with :func:`prepare`."""
-
-    spec: RunSpec
-    config: CertifyConfig
-    loaded: LoadedModel
-    dataset: ImageDataset
-    certifier: Certifier
-    settings: dict[str, Any]
-    info: dict[str, Any]
-    notes: list[str]
-
-    @property
-    def group_size(self) -> int:
-        return self.settings["inputs_per_batch"]
-
-
-def resolve_device(requested: Optional[str], launch: Launch) -> torch.device:
-    """``--device`` (default cuda if available, else cpu); under torchrun plain ``cuda``
-    means this rank's GPU, cuda:LOCAL_RANK."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ArgumentError(f"--device {requested}: this machine has no CUDA GPU (or this "
-                                "PyTorch build lacks CUDA); use --device cpu")
-        if requested == "cuda":
-            requested = f"cuda:{launch.local_rank}"
-        if torch.device(requested).index >= torch.cuda.device_count():
-            raise ArgumentError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) "
-                                "here; give cuda:0 ... or cuda")
-        # the current device too, so that nothing (streams, contexts) lands on cuda:0
-        torch.cuda.set_device(torch.device(requested))
-    return torch.device(requested)
-
-
-def _data_source(spec: RunSpec, loaded: LoadedModel, notes: list[str]) -> tuple[str, str]:
-    """(dataset kind, path): ``--data``/``--dataset``, or without ``--data`` the shipped
-    CIFAR-10 test images for a CIFAR-10 model."""
-    if spec.data is None:
-        if loaded.dataset == "cifar10" and spec.dataset in (None, "cifar10", "npz"):
-            if not SHIPPED_CIFAR10.is_file():
-                raise ArgumentError(f"no --data, and the shipped CIFAR-10 images are missing "
-                                    f"({SHIPPED_CIFAR10}): pass --data cifar-10-batches-py")
-            notes.append(f"no --data given: certifying the {_count_shipped()} CIFAR-10 test "
-                         "images shipped with ancer (--data DIR for your own)")
-            return "npz", str(SHIPPED_CIFAR10)
-        known = loaded.dataset or "unknown"
-        raise ArgumentError(f"give the dataset with --data (the checkpoint's dataset is {known}: "
-                            "--data imagenet/val for ImageNet class folders, "
-                            "--data cifar-10-batches-py for CIFAR-10, or an .npz of x, y)")
-    if spec.dataset is not None:
-        return spec.dataset, spec.data
-    if str(spec.data).endswith(".npz"):
-        return "npz", spec.data
-    if loaded.dataset in _READERS_OF:
-        return _READERS_OF[loaded.dataset], spec.data
-    raise ArgumentError("the checkpoint does not say which dataset it was trained on: "
-                        "pass --dataset cifar10|imagenet|folder|npz")
-
-
-def _count_shipped() -> int:
-    with np.load(SHIPPED_CIFAR10) as sample:
-        return len(sample["y"])
-
-
-#: the flag of each config field, for messages of a command-line run
-FLAGS = {"sigma": "--sigma", "norm": "--norm", "method": "--method", "theta0": "--theta0",
-         "n0": "--n0", "n": "--n", "alpha": "--alpha", "sequential": "--sequential",
-         "radii": "--radii", "opt_iterations": "--opt-iterations", "opt_lr": "--opt-lr",
-         "opt_samples": "--opt-samples", "kappa": "--kappa", "batch": "--batch",
-         "precision": "--precision", "compile": "--compile", "cuda_graphs": "--cuda-graphs",
-         "seed": "--seed"}
-
-
-def make_config(fields: dict[str, Any]) -> CertifyConfig:
-    """The engine's config from the run's flags (by config field name); an invalid field's
-    message names its flag."""
-    try:
-        return CertifyConfig(**fields)
-    except ArgumentError as error:
-        text = str(error)
-        for name, flag in sorted(FLAGS.items(), key=lambda item: -len(item[0])):
-            text = text.replace(f"CertifyConfig.{name}:", f"{flag}:").replace(f"{name}=", f"{flag} ")
-        raise ArgumentError(text) from None
-
-
-def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
-    """Load and check everything a run needs, before any file is written. ``fields`` are
-    the config's fields from the flags; a missing ``sigma`` is taken from the checkpoint
-    when it records its training noise level (and a note says so), and sequential radii
-    default to σ, 2σ, 3σ (p_A of Φ(1), Φ(2), Φ(3) for l2)."""
-    notes: list[str] = []
-    device = resolve_device(spec.device, launch)
-    loaded = load_model(spec.model, map_location=device)
-    if fields.get("sigma") is None:
-        if loaded.sigma is None:
-            raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
-                                f"{spec.model} does not record the σ it was trained with")
-        fields = {**fields, "sigma": float(loaded.sigma)}
-        notes.append(f"no --sigma given: using σ = {loaded.sigma:g}, recorded in the checkpoint "
-                     "as its training noise")
-    if fields.get("sequential") and fields.get("radii") is None:
-        sigma = float(fields["sigma"])
-        fields = {**fields, "radii": (sigma, 2 * sigma, 3 * sigma)}
-    config = make_config(fields)
-    kind, data = _data_source(spec, loaded, notes)
-    extra = dataset_options(kind, loaded.num_classes, spec.synsets)
-    dataset = load_dataset(kind, data, skip=spec.skip, max=spec.max, **extra)
-    if len(dataset) == 0:
-        raise DatasetError(f"--data {data} with --skip {spec.skip} --max {spec.max} "
-                           "selects no input: check --max")
-    if dataset.num_classes > loaded.num_classes:
-        raise ArgumentError(f"the dataset has {dataset.num_classes} classes but the model "
-                            f"outputs {loaded.num_classes}: check --model and --data")
-    planned = len(dataset) * (config.n0 + config.n)
-    certifier = Certifier(loaded, config, device=device, planned_samples=planned)
-    if config.sequential:
-        check_reachable(certifier)
-    evaluation = certifier.smoothed.settings()
-    settings = {
-        "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
-        "data": str(Path(data).resolve()), **extra, "norm": config.norm, "method": config.method,
-        "sigma": config.sigma, "half_width": certifier.noise.half_width_of(config.sigma),
-        "n0": config.n0, "n": config.n, "alpha": config.alpha, "batch": config.batch,
-        "sequential": config.sequential, "radii": list(config.radii),
-        "skip": spec.skip, "max": spec.max, "precision": config.precision, "seed": config.seed,
-        "device_type": device.type, "fold_bn": evaluation["fold_bn"],
-        # enough inputs to fill one forward batch with their n0 selection draws
-        "inputs_per_batch": spec.inputs_per_batch or max(1, config.batch // config.n0),
-        "optimizer": None if not config.uses_memory else {
-            **config.optimizer(config.method), "theta0": (
-                config.theta0 if config.method == "ancer" else None)},
-    }
-    info = {
-        "versions": {"ancer": ancer.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
-        "command": sys.argv, "device": _device_name(device), "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rank": launch.rank,
-        "world_size": launch.world_size,
-        # how the forward pass was run: results agree at float rounding, so not a setting
-        "acceleration": {"compile": config.compile, "cuda_graphs": config.cuda_graphs,
-                         "compile_resolved": certifier.compiled},
-    }
-    return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
-
-
-def check_reachable(certifier: Certifier) -> None:
-    """Refuse sequential radii of which none can be certified within n draws."""
-    config = certifier.config
-    from ancer.sequential import max_certifiable_probability
-    best = max_certifiable_probability(config.n, config.alpha)
-    top = certifier.noise.scale * certifier.noise.radius_factor(best) if best > 0.5 else 0.0
-    if config.radii[0] > top:
-        raise ArgumentError(f"--radii: no radius in {','.join(map(str, config.radii))} can be "
-                            f"certified with --n {config.n} at --alpha {config.alpha:g} (the "
-                            f"largest is {top:.3f}): give smaller radii or a larger --n")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def run(spec: RunSpec, fields: dict[str, Any], notify: Any = print) -> Path:
@@ -364,7 +164,8 @@ def _shorter_hint(job: Job) -> str:
         ideas.append(f"--n 10000 (radius limit {_top_radius(job, 10_000):.2f} instead of "
                      f"{_top_radius(job, config.n):.2f})")
     if not config.sequential:
-        ideas.append("--sequential --radii 0.25,0.5,0.75 (stops each input once its certified "
+        grid = ",".join(f"{k * config.sigma:g}" for k in (1, 2, 3))
+        ideas.append(f"--sequential --radii {grid} (stops each input once its certified "
                      "radius is decided, same guarantee)")
     if job.certifier.device.type == "cpu":
         ideas.append("a GPU (--device cuda)")
@@ -431,26 +232,6 @@ def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]
             if int(idx) not in processed}
 
 
-def _check_recomputed(path: Path, written: Row, row: Row) -> None:
-    """``row``, certified again on resume, must equal the ``written`` one that the memory
-    did not save, or the memory would go on from a certificate the file does not report."""
-    def same(before: Any, now: Any) -> bool:
-        both_nan = isinstance(before, float) and isinstance(now, float) and math.isnan(before) and math.isnan(now)
-        return before == now or both_nan
-
-    differences = [(name, getattr(written, name), getattr(row, name)) for name in COLUMNS
-                   if name not in ("time", "correct") and not same(getattr(written, name), getattr(row, name))]
-    if differences:
-        name, before, now = differences[0]
-        raise ResultsError(
-            f"resuming {path}: idx {row.idx} was written before the run stopped but its memory "
-            f"answer was not saved, and certifying it again gives another row ({name} "
-            f"{before!r} on disk, {now!r} now; nondeterministic GPU kernels?); the memory "
-            f"cannot go on from a row it did not answer: delete the rows from idx {row.idx} on "
-            f"from {path} and resume"
-        )
-
-
 def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
                    memory: Optional[Memory], scales: Optional[ScalesWriter],
                    progress: Progress, unanswered: dict[int, Row],
@@ -469,62 +250,12 @@ def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
         if memory is not None:
             certificate = certifier.answer(x, certificate, idx)
         row = make_row(idx, label, certificate, job.config.method, elapsed,
-                       _memory_text(job, certificate, memory, shard))
+                       memory_text(job.config, certificate, memory))
         if idx in writer.done:  # certified again, with its group, for the memory and the rest
             if idx in unanswered:
-                _check_recomputed(writer.path, unanswered[idx], row)
+                check_recomputed(writer.path, unanswered[idx], row)
             continue
         if scales is not None:
             scales.append(idx, certificate.noise.sigma.numpy())
         writer.write(row)
         progress.update(row)
-
-
-def _memory_text(job: Job, certificate: Certificate, memory: Optional[Memory],
-                 shard: Optional[tuple[int, int]]) -> str:
-    if not job.config.uses_memory:
-        return NO_MEMORY
-    if memory is None or certificate.memory is None:
-        return RAW
-    return outcome_text(certificate.memory, memory)
-
-
-def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict[str, Any]:
-    """The reader's options beyond the path, as recorded in the settings: the model's number
-    of classes for an npz file, the synset list (absolute path) for ImageNet."""
-    if kind == "npz":
-        return {"num_classes": num_classes}
-    if kind == "imagenet" and synsets is not None:
-        return {"synsets": str(Path(synsets).resolve())}
-    return {}
-
-
-def make_row(idx: int, label: int, certificate: Certificate, method: str, elapsed: float,
-             memory: str) -> Row:
-    """The TSV row of one input's certificate (the memory's answer where ``memory`` is an
-    answer; ``raw`` for a shard's own certificate, ``-`` without a memory).
-
-    ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own CERTIFY
-    (before any memory): ``count_a`` is the estimation votes of the class selected from the
-    n0 draws, the count ``p_lower`` bounds; ``count_label`` the votes for the true label (the
-    base classifier's accuracy under noise); ``sigma`` the isotropic σ (dds: the input's;
-    ancer: the σ its scales started from); ``samples`` the forward passes spent."""
-    counts = certificate.counts
-    selected = int(np.argmax(certificate.selection_counts))
-    top_two = np.argsort(-counts, kind="stable")[:2]
-    noise = certificate.noise
-    sigma = certificate.start_sigma if certificate.start_sigma is not None else float(noise.sigma)
-    half_width = noise.half_width_of(sigma)
-    return Row(
-        idx=int(idx), label=int(label), predict=int(certificate.label),
-        radius=float(certificate.radius),
-        time=float(elapsed), norm=certificate.norm, method=method, sigma=float(sigma),
-        half_width=math.nan if half_width is None else float(half_width),
-        p_lower=float(certificate.p_lower), proxy_radius=float(certificate.proxy_radius),
-        volume_radius=float(certificate.volume_radius), log_volume=float(certificate.log_volume),
-        n0=certificate.n0, n=certificate.n, alpha=certificate.alpha,
-        count_a=int(counts[selected]),
-        counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
-        precision=certificate.precision, memory=memory, count_label=int(counts[label]),
-        samples=int(certificate.samples), bound=certificate.bound,
-    )

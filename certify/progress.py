@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
@@ -39,12 +39,14 @@ class Progress:
         self._total_inputs, self._done_inputs = total, done
         self._rows = self._certified = self._abstained = 0
         self._hinted = False
-        self._started = time.monotonic()
+        self._since: Optional[tuple[float, int]] = None
         self._postfix()
 
     def advance(self, samples: int) -> None:
         """Count ``samples`` forward passes just made (the engine's progress callback)."""
         self._bar.update(samples)
+        if self._since is None:  # the first batch holds warm-up and compiling: not the pace
+            self._since = (time.monotonic(), self._bar.n)
         self._hint_if_long()
 
     def update(self, row: Row) -> None:
@@ -63,11 +65,11 @@ class Progress:
         ``LONG_RUN_SECONDS`` (estimated from at least a few seconds of sampling)."""
         if self._hinted or self._quiet or not self._hint:
             return
-        elapsed = time.monotonic() - self._started
-        made = self._bar.n
+        started, first = self._since
+        elapsed, made = time.monotonic() - started, self._bar.n - first
         if made <= 0 or elapsed < MEASURE_SECONDS:
             return
-        remaining = (self._bar.total - made) * elapsed / made
+        remaining = (self._bar.total - self._bar.n) * elapsed / made
         if remaining > LONG_RUN_SECONDS:
             self._hinted = True
             text = f"this run needs up to {_duration(remaining)} more; {self._hint}"

@@ -25,7 +25,7 @@ import numpy as np
 
 from ancer.errors import AncerError, ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
-from certify.results import ResultsTable, base_name
+from certify.results import ResultsTable, base_name, read_sidecar
 
 if TYPE_CHECKING:  # matplotlib is optional: imported only to plot
     from matplotlib.axes import Axes
@@ -176,11 +176,16 @@ def forward_passes(table: ResultsTable) -> int | None:
 
 def run_settings(table: ResultsTable) -> dict[str, str]:
     """σ, n and alpha of a run as text, for those of the columns the file has (Cohen et
-    al.'s files have none); ``low-high`` when its rows differ."""
+    al.'s files have none); ``low-high`` when its rows differ. A sequential run's n is its
+    budget (its rows hold the draws each input made), read from its settings."""
     settings = {}
+    sidecar = read_sidecar(table.path) if table.path.exists() else None
+    recorded = sidecar.settings if sidecar is not None else {}
     for name in COMPARED_SETTINGS:
         column = table.columns.get(name)
-        if column is not None and len(column):
+        if name == "n" and recorded.get("sequential") and "n" in recorded:
+            settings[name] = f"{int(recorded['n'])}"
+        elif column is not None and len(column):
             low, high = (_number_text(v) for v in (column.min(), column.max()))
             settings[name] = low if low == high else f"{low}-{high}"
     return settings
@@ -357,7 +362,10 @@ def legend_label(name: str, table: ResultsTable) -> str:
     n = run_settings(table).get("n")
     abstain = float(np.mean(table.columns["predict"] == ABSTAIN))
     proxy = ", proxy radius" if table.anisotropic else ""
-    return f"{name} ({'n unknown' if n is None else f'n={n}'}, abstain {abstain:.0%}{proxy})"
+    bounds = table.columns.get("bound")
+    sequential = " sequential" if bounds is not None and (bounds == "confidence-sequence").any() else ""
+    size = "n unknown" if n is None else f"n={n}{sequential}"
+    return f"{name} ({size}, abstain {abstain:.0%}{proxy})"
 
 
 def _panels(runs: Sequence[tuple[str, ResultsTable]]

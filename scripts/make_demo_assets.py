@@ -1,8 +1,11 @@
 """Make the model and the test images that ship in ``certify/assets/``.
 
-1. Unzip the CIFAR-10 training JPEGs (``cifar10/cifar10-train-jpeg.zip`` of the shared
-   data folder, ``train/<class>/<NNNN>.jpg``, classes in CIFAR-10's label order) to a
-   temporary folder.
+``--data DIR`` is a folder holding ``cifar10/cifar10-train-jpeg.zip`` (the 50,000 CIFAR-10
+training images as ``train/<class>/<NNNN>.jpg``, classes in CIFAR-10's label order) and
+``cifar10/cifar10-test-exact-first100.npz`` (the first 100 official test images, exact
+pixels).
+
+1. Unzip the CIFAR-10 training JPEGs to a temporary folder.
 2. Train a CIFAR ResNet-20 with Gaussian data augmentation at sigma = 0.25 (Cohen et al.
    2019) through ``certify train`` (``--dataset folder --preload``: the images are decoded
    once into memory), cosine schedule, checkpointing every epoch into ``--work``; rerunning
@@ -17,7 +20,7 @@ time, nearly all of it the 10 epochs, 1.7 to 5.5 minutes each depending on what 
 machine ran), from the repository's root after
 ``pip install -e .`` (or with ``PYTHONPATH=.``)::
 
-    python3 scripts/make_demo_assets.py --data ../shared/data --work /tmp/ancer-demo10 \\
+    python3 scripts/make_demo_assets.py --data DATA_DIR --work /tmp/ancer-demo10 \\
         --epochs 10 --threads 2
 
 which runs ``certify train --arch cifar_resnet20 --dataset folder --data <unzipped>/train
@@ -79,8 +82,9 @@ def write_assets(data: Path, checkpoint: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
-                        help="the shared data folder (holding cifar10/)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the data folder holding cifar10/cifar10-train-jpeg.zip and "
+                             "cifar10/cifar10-test-exact-first100.npz")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ancer-demo"),
                         help="where the full training checkpoint is kept")
     parser.add_argument("--epochs", type=int, default=10)

@@ -10,17 +10,16 @@ command line runs.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binom, norm
+from scipy.stats import binom
 
 from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, load_model
 from ancer.memory import KEPT, Memory
 from certify.replay import outcome_text
 from certify.results import read_results
+from linear_models import Linear, inputs_at_margins
 from cli_helpers import certify, dataset_tensors, make_files
 
 SMALL = dict(n0=50, n=200, batch=200)
@@ -146,19 +145,6 @@ def test_a_probability_model_said_to_give_logits_is_detected():
         engine.certify(torch.full((3, 2, 2), 0.5), idx=0)
 
 
-class Linear(torch.nn.Module):
-    """Scores (-z, z) with z = w·x + b: class 1 iff w·x + b >= 0."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(w.clone().float(), requires_grad=False)
-        self.b = b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([-z, z], dim=1)
-
-
 @pytest.mark.filterwarnings("ignore::ancer.smoothing.InputRangeWarning")
 def test_linear_classifier_through_the_engine_with_the_memory_is_sound():
     """dds on a linear classifier: each answered ball must hold the smoothed class of its
@@ -168,8 +154,7 @@ def test_linear_classifier_through_the_engine_with_the_memory_is_sound():
     d, alpha, trials = 6, 0.05, 120
     w, b = torch.randn(d), 0.1
     margins = torch.linspace(-1.0, 1.0, trials) * float(w.norm())
-    base = torch.full((d,), 0.5)
-    xs = base + ((margins - (base @ w + b)) / (w @ w))[:, None] * w
+    xs = inputs_at_margins(w, b, margins)
     config = CertifyConfig(sigma=0.3, method="dds", n0=50, n=2000, alpha=alpha, batch=4000,
                            opt_iterations=5, opt_samples=32, seed=3)
     engine = Certifier(Linear(w, b), config, 2)
@@ -186,3 +171,16 @@ def test_linear_classifier_through_the_engine_with_the_memory_is_sound():
     assert engine.memory.counts["inputs"] == trials
     sigma = np.array([float(c.noise.sigma) for c in certificates])
     assert sigma.std() > 0  # the scales really are data-dependent
+
+
+def test_compile_auto_on_a_cpu_follows_the_planned_forward_passes(files):
+    from ancer.engine import CPU_COMPILE_BREAK_EVEN
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    config = CertifyConfig(sigma=0.25)
+    assert Certifier(module, config, 3).compiled is False  # nothing planned: eager
+    assert Certifier(module, config, 3, planned_samples=CPU_COMPILE_BREAK_EVEN - 1).compiled is False
+    assert Certifier(module, config, 3, planned_samples=CPU_COMPILE_BREAK_EVEN).compiled is True
+    assert Certifier(module, config.replace(compile="off"), 3, planned_samples=10**9).compiled is False
+    scripted = load_model(files["model"])  # TorchScript cannot be compiled: stays eager
+    assert Certifier(scripted, config, planned_samples=10**9).compiled is False

@@ -14,27 +14,10 @@ from scipy.stats import binom, norm
 from ancer import ABSTAIN, Certifier, CertifyConfig, Gaussian, Smoothed, Uniform, load_model
 from ancer.seeding import input_generator
 from certify.results import read_results, read_sidecar
+from linear_models import Linear, inputs_at_margins
 from cli_helpers import certify, dataset_tensors, make_files, rows_without_time
 
 vector_inputs = pytest.mark.filterwarnings("ignore::ancer.smoothing.InputRangeWarning")
-
-
-class Linear(torch.nn.Module):
-    """Scores (-z, z) with z = w·x + b: class 1 iff w·x + b >= 0."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(w.clone().float(), requires_grad=False)
-        self.b = b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([-z, z], dim=1)
-
-
-def _inputs_at_margins(w: torch.Tensor, b: float, margins: torch.Tensor) -> torch.Tensor:
-    base = torch.full((len(w),), 0.5)
-    return base + ((margins - (base @ w + b)) / (w @ w))[:, None] * w
 
 
 @vector_inputs
@@ -58,7 +41,7 @@ def test_sequential_radii_are_sound_just_above_every_threshold(family):
         half = float(noise.half_width)
         margins = torch.as_tensor((p - 0.5) * 2 * half * 1.5, dtype=torch.float32)
         reach = lambda radius: radius * 1.5  # noqa: E731
-    xs = _inputs_at_margins(w, b, margins)
+    xs = inputs_at_margins(w, b, margins)
     smoothed = Smoothed(Linear(w, b), noise, 2)
     certificates = smoothed.certify_batch(
         xs, 50, 20_000, alpha, 20_000, generators=[input_generator(7, i) for i in range(trials)],
@@ -82,7 +65,7 @@ def test_sequential_stops_early_and_agrees_with_fixed_n_on_clear_inputs():
     w, b = torch.randn(d), 0.0
     p = torch.tensor([0.2, 0.9, 0.999999])  # class 0 (p_A 0.8), certified at 0.25, past 0.75
     margins = torch.as_tensor(norm.ppf(p.numpy()) * sigma * float(w.norm()), dtype=torch.float32)
-    xs = _inputs_at_margins(w, b, margins)
+    xs = inputs_at_margins(w, b, margins)
     smoothed = Smoothed(Linear(w, b), Gaussian(sigma), 2)
     generators = lambda: [input_generator(1, i) for i in range(3)]  # noqa: E731
     sequential = smoothed.certify_batch(xs, 100, 100_000, 0.001, 10_000, generators(),

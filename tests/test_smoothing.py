@@ -18,30 +18,11 @@ from ancer.certificates import CrossPolytope, Ellipsoid, L1Ball, L2Ball
 from ancer.seeding import input_generator
 from ancer.smoothing import InputRangeWarning
 from ancer.stats import clopper_pearson_lower
+from linear_models import Linear, inputs_at_margins
 
 
 # The linear models take vectors whose coordinates may leave [0, 1]: that is not a mistake here.
 vector_inputs = pytest.mark.filterwarnings("ignore::ancer.smoothing.InputRangeWarning")
-
-
-class Linear(torch.nn.Module):
-    """Scores (-z, z) with z = w·x + b: class 1 iff w·x + b >= 0."""
-
-    def __init__(self, w: torch.Tensor, b: float):
-        super().__init__()
-        self.w = torch.nn.Parameter(w.clone().float(), requires_grad=False)
-        self.b = b
-
-    def forward(self, x):
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([-z, z], dim=1)
-
-
-def _inputs_at_margins(w, b, margins):
-    """Inputs x with w·x + b = margins[i], around 0.5 in every coordinate."""
-    base = torch.full((len(w),), 0.5)
-    shift = (torch.as_tensor(margins).float() - (base @ w + b)) / (w @ w)
-    return base + shift[:, None] * w
 
 
 def _max_allowed_violations(trials, alpha):
@@ -57,7 +38,7 @@ def test_isotropic_l2_is_sound_over_many_trials():
     p = torch.linspace(0.55, 0.99, trials)
     signs = torch.where(torch.arange(trials) % 2 == 0, 1.0, -1.0)
     margins = torch.as_tensor(norm.ppf(p), dtype=torch.float32) * sigma * float(w.norm()) * signs
-    xs = _inputs_at_margins(w, b, margins)
+    xs = inputs_at_margins(w, b, margins)
     smoothed = Smoothed(Linear(w, b), Gaussian(sigma), 2)
     gens = [input_generator(1, i) for i in range(trials)]
     certs = smoothed.certify_batch(xs, n0=50, n=5000, alpha=alpha, batch_size=50_000, generators=gens)
@@ -79,7 +60,7 @@ def test_isotropic_l2_radius_is_tight_at_n_100000():
     d, sigma, alpha, n = 6, 0.25, 0.001, 100_000
     w, b = torch.randn(d), -0.2
     p_true = 0.9
-    x = _inputs_at_margins(w, b, [norm.ppf(p_true) * sigma * float(w.norm())])[0]
+    x = inputs_at_margins(w, b, [norm.ppf(p_true) * sigma * float(w.norm())])[0]
     cert = Smoothed(Linear(w, b), Gaussian(sigma), 2).certify(
         x, 100, n, alpha, batch_size=25_000, generator=torch.Generator().manual_seed(3))
     assert cert.label == 1 and isinstance(cert.region, L2Ball)
@@ -99,7 +80,7 @@ def test_anisotropic_l2_ellipsoid_is_sound_and_tight():
     scale = float((theta * w).norm())
     p = torch.linspace(0.6, 0.98, trials)
     margins = torch.as_tensor(norm.ppf(p), dtype=torch.float32) * scale
-    xs = _inputs_at_margins(w, b, margins)
+    xs = inputs_at_margins(w, b, margins)
     noise = Gaussian(theta)
     smoothed = Smoothed(Linear(w, b), Gaussian(0.5), 2)
     gens = [input_generator(2, i) for i in range(trials)]
@@ -128,7 +109,7 @@ def test_isotropic_l1_uniform_is_sound_and_exact_for_an_axis_aligned_boundary():
     w[0] = 1.0
     p = torch.linspace(0.6, 0.99, trials)
     margins = (2 * p - 1) * lam
-    xs = _inputs_at_margins(w, -0.5, margins)
+    xs = inputs_at_margins(w, -0.5, margins)
     noise = Uniform(sigma)
     assert noise.half_width == pytest.approx(lam)
     smoothed = Smoothed(Linear(w, -0.5), noise, 2)
@@ -153,7 +134,7 @@ def test_anisotropic_l1_cross_polytope_is_sound():
     sigma = torch.rand(d) * 0.5 + 0.1
     lam = math.sqrt(3) * sigma
     margins = torch.linspace(0.3, 1.5, trials) * float((w * lam).abs().max())
-    xs = _inputs_at_margins(w, b, margins)
+    xs = inputs_at_margins(w, b, margins)
     noise = Uniform(sigma)
     certs = Smoothed(Linear(w, b), noise, 2).certify_batch(
         xs, 50, 5000, alpha, 50_000, generators=[input_generator(4, i) for i in range(trials)])

@@ -37,8 +37,9 @@ class LoadedModel:
     num_classes : int
         Size of the model's output.
     outputs : str
-        ``"logits"`` or ``"probabilities"`` (the model ends in a softmax). The ANCER
-        optimizer needs probabilities: apply a softmax to logits.
+        ``"logits"`` or ``"probabilities"`` (the model ends in a softmax). CERTIFY uses
+        only the argmax; the scale optimizers need probabilities and apply the softmax to
+        logits themselves, so this must say which the model returns.
     sigma : float or None
         The training noise level, when the checkpoint records it.
     format : str

@@ -1,0 +1,77 @@
+"""The TSV row of a certified input, and the check of a row certified again on resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ancer.engine import CertifyConfig
+from ancer.errors import ResultsError
+from ancer.memory import Memory
+from ancer.smoothing import Certificate
+from certify.replay import NO_MEMORY, RAW, outcome_text
+from certify.results import COLUMNS, Row
+
+
+def check_recomputed(path: Path, written: Row, row: Row) -> None:
+    """``row``, certified again on resume, must equal the ``written`` one that the memory
+    did not save, or the memory would go on from a certificate the file does not report."""
+    def same(before: Any, now: Any) -> bool:
+        both_nan = isinstance(before, float) and isinstance(now, float) and math.isnan(before) and math.isnan(now)
+        return before == now or both_nan
+
+    differences = [(name, getattr(written, name), getattr(row, name)) for name in COLUMNS
+                   if name not in ("time", "correct") and not same(getattr(written, name), getattr(row, name))]
+    if differences:
+        name, before, now = differences[0]
+        raise ResultsError(
+            f"resuming {path}: idx {row.idx} was written before the run stopped but its memory "
+            f"answer was not saved, and certifying it again gives another row ({name} "
+            f"{before!r} on disk, {now!r} now; nondeterministic GPU kernels?); the memory "
+            f"cannot go on from a row it did not answer: delete the rows from idx {row.idx} on "
+            f"from {path} and resume"
+        )
+
+
+def memory_text(config: CertifyConfig, certificate: Certificate, memory: Optional[Memory]) -> str:
+    """The memory column: ``-`` without a memory, ``raw`` for a shard's own certificate, else
+    the memory's answer (kept, shrunk:<factor>, override:<idx>, abstain)."""
+    if not config.uses_memory:
+        return NO_MEMORY
+    if memory is None or certificate.memory is None:
+        return RAW
+    return outcome_text(certificate.memory, memory)
+
+
+def make_row(idx: int, label: int, certificate: Certificate, method: str, elapsed: float,
+             memory: str) -> Row:
+    """The TSV row of one input's certificate (the memory's answer where ``memory`` is an
+    answer; ``raw`` for a shard's own certificate, ``-`` without a memory).
+
+    ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own CERTIFY
+    (before any memory): ``count_a`` is the estimation votes of the class selected from the
+    n0 draws, the count ``p_lower`` bounds; ``count_label`` the votes for the true label (the
+    base classifier's accuracy under noise); ``sigma`` the isotropic σ (dds: the input's;
+    ancer: the σ its scales started from); ``samples`` the forward passes spent."""
+    counts = certificate.counts
+    selected = int(np.argmax(certificate.selection_counts))
+    top_two = np.argsort(-counts, kind="stable")[:2]
+    noise = certificate.noise
+    sigma = certificate.start_sigma if certificate.start_sigma is not None else float(noise.sigma)
+    half_width = noise.half_width_of(sigma)
+    return Row(
+        idx=int(idx), label=int(label), predict=int(certificate.label),
+        radius=float(certificate.radius),
+        time=float(elapsed), norm=certificate.norm, method=method, sigma=float(sigma),
+        half_width=math.nan if half_width is None else float(half_width),
+        p_lower=float(certificate.p_lower), proxy_radius=float(certificate.proxy_radius),
+        volume_radius=float(certificate.volume_radius), log_volume=float(certificate.log_volume),
+        n0=certificate.n0, n=certificate.n, alpha=certificate.alpha,
+        count_a=int(counts[selected]),
+        counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
+        precision=certificate.precision, memory=memory, count_label=int(counts[label]),
+        samples=int(certificate.samples), bound=certificate.bound,
+    )

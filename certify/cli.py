@@ -193,9 +193,10 @@ def _report(args: argparse.Namespace) -> int:
     runs = list(zip(names, tables))
     if args.plot:
         report.plot_curves(runs, args.plot)
+    sys.stdout.write(report.format_report(summaries, radii, args.format))
+    sys.stdout.flush()
     for warning in report.setting_warnings(runs):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    sys.stdout.write(report.format_report(summaries, radii, args.format))
     return 0
 
 

@@ -152,3 +152,13 @@ def test_radii_without_sequential_is_refused(files, tmp_path, capsys):
     argv.remove("--sequential")
     assert certify(*argv) == 2
     assert "--radii steers --sequential" in capsys.readouterr().err
+
+
+def test_sequential_shards_merge_to_the_single_process_rows(files, tmp_path):
+    single, sharded = tmp_path / "single.tsv", tmp_path / "sharded.tsv"
+    more = ("--max", "12", "--inputs-per-batch", "2")
+    assert certify(*_argv(files, single, *more)) == 0
+    for shard in ("0/3", "1/3", "2/3"):
+        assert certify(*_argv(files, sharded, *more, "--shard", shard)) == 0
+    assert certify("merge", "--out", str(sharded)) == 0
+    assert rows_without_time(sharded) == rows_without_time(single)

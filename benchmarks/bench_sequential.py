@@ -95,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--n", type=int, default=100_000, help="fixed n, and the sequential budget")
-    parser.add_argument("--radii", default="0.25,0.5,0.75")
+    parser.add_argument("--radii", action="append",
+                        help="a sequential run's grid, e.g. 0.25,0.5,0.75; repeat the flag for "
+                             "several sequential runs against the one fixed-n run "
+                             "(default 0.25,0.5,0.75)")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--group", type=int, default=10, help="inputs certified together")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
@@ -111,38 +114,49 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    radii = tuple(float(r) for r in args.radii.split(","))
+    grids = [tuple(float(r) for r in spec.split(",")) for spec in (args.radii or ["0.25,0.5,0.75"])]
     loaded = load_model(args.model, map_location=device)
     dataset = load_dataset("npz", args.data, max=args.max, num_classes=loaded.num_classes)
     base = CertifyConfig(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                          batch=args.batch, compile=args.compile, precision=args.precision)
     planned = len(dataset) * (args.n0 + args.n)
+    configs = [(_grid_name(grid), base.replace(sequential=True, radii=grid)) for grid in grids]
     runs = {}
-    for name, config in (("sequential", base.replace(sequential=True, radii=radii)), ("fixed", base)):
+    for name, config in configs + [("fixed", base)]:
         certifier = Certifier(loaded, config, device=device, planned_samples=planned)
         runs[name] = certify_all(certifier, dataset, args.group)
         runs[name]["compiled"] = bool(certifier.smoothed.runner.is_compiled)
         print(f"{name}: {sum(runs[name]['samples']):,} forward passes, "
               f"{runs[name]['seconds']:.1f} s", flush=True)
-    grid = (0.0,) + radii
-    accuracy = {name: [certified_accuracy(run, r) for r in grid] for name, run in runs.items()}
-    passes = {name: int(sum(run["samples"])) for name, run in runs.items()}
+    fixed = runs["fixed"]
+    comparisons = {}
+    for (name, _), grid in zip(configs, grids):
+        run = runs[name]
+        points = (0.0,) + grid
+        accuracy = {"fixed": [certified_accuracy(fixed, r) for r in points],
+                    "sequential": [certified_accuracy(run, r) for r in points]}
+        comparisons[name] = {
+            "radii": list(grid),
+            "certified_accuracy": {key: dict(zip(map(str, points), values))
+                                   for key, values in accuracy.items()},
+            "largest_difference_points": 100 * max(abs(a - b) for a, b in zip(*accuracy.values())),
+            "forward_passes": {"fixed": int(sum(fixed["samples"])),
+                               "sequential": int(sum(run["samples"]))},
+            "forward_pass_ratio": sum(fixed["samples"]) / sum(run["samples"]),
+            "seconds": {"fixed": fixed["seconds"], "sequential": run["seconds"]},
+            "wall_clock_ratio": fixed["seconds"] / run["seconds"],
+            "samples_per_input_sequential": {
+                "min": int(min(run["samples"])), "median": float(np.median(run["samples"])),
+                "max": int(max(run["samples"]))},
+        }
     result: Dict[str, object] = {
         "environment": environment(device), "model": Path(args.model).name,
         "data": Path(args.data).name, "inputs": len(dataset), "sigma": args.sigma,
-        "alpha": args.alpha, "n0": args.n0, "n": args.n, "radii": list(radii),
-        "batch": args.batch, "group": args.group, "precision": args.precision,
-        "certified_accuracy": {name: dict(zip(map(str, grid), acc)) for name, acc in accuracy.items()},
-        "largest_difference_points": 100 * max(abs(a - b) for a, b in zip(*accuracy.values())),
-        "forward_passes": passes,
-        "forward_pass_ratio": passes["fixed"] / passes["sequential"],
-        "seconds": {name: run["seconds"] for name, run in runs.items()},
-        "wall_clock_ratio": runs["fixed"]["seconds"] / runs["sequential"]["seconds"],
-        "samples_per_input_sequential": {
-            "min": int(min(runs["sequential"]["samples"])),
-            "median": float(np.median(runs["sequential"]["samples"])),
-            "max": int(max(runs["sequential"]["samples"]))},
+        "alpha": args.alpha, "n0": args.n0, "n": args.n, "batch": args.batch,
+        "group": args.group, "precision": args.precision, "comparisons": comparisons,
         "compiled": {name: run["compiled"] for name, run in runs.items()},
+        "per_input": {name: {key: run[key] for key in ("labels", "predictions", "radii", "samples")}
+                      for name, run in runs.items()},
     }
     if not args.no_speed:
         reference = reference_throughput(loaded, dataset, args.sigma, args.n0, args.speed_n,
@@ -158,19 +172,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             "compile_seconds": compile_cost,
             "break_even_samples": (compile_cost / saving) if saving > 0 else math.inf,
         }
-    header = ["", "fixed n", "sequential"]
-    rows: List[List[object]] = [[f"certified accuracy @ {r:g}", f"{a:.2f}", f"{b:.2f}"]
-                                for r, a, b in zip(grid, accuracy["fixed"], accuracy["sequential"])]
-    rows.append(["forward passes", f"{passes['fixed']:,}", f"{passes['sequential']:,}"])
-    rows.append(["seconds", f"{runs['fixed']['seconds']:.1f}", f"{runs['sequential']['seconds']:.1f}"])
     markdown = (f"# Sequential vs fixed-n CERTIFY: {result['model']}, {len(dataset)} images of "
                 f"{result['data']}\n\nσ = {args.sigma}, alpha = {args.alpha}, n0 = {args.n0}, "
-                f"n (budget) = {args.n}, radii {args.radii}, precision {args.precision}; "
-                f"device {device_label(device)}.\n\n"
-                + markdown_table(header, rows)
-                + f"\nForward passes: {result['forward_pass_ratio']:.1f}x fewer; wall clock "
-                f"{result['wall_clock_ratio']:.1f}x; largest certified-accuracy difference "
-                f"{result['largest_difference_points']:.0f} points.\n")
+                f"n (budget) = {args.n}, precision {args.precision}; device "
+                f"{device_label(device)}.\n")
+    for name, comparison in comparisons.items():
+        accuracy = comparison["certified_accuracy"]
+        rows: List[List[object]] = [
+            [f"certified accuracy @ {float(r):g}", f"{accuracy['fixed'][r]:.2f}",
+             f"{accuracy['sequential'][r]:.2f}"] for r in accuracy["fixed"]]
+        rows.append(["forward passes", f"{comparison['forward_passes']['fixed']:,}",
+                     f"{comparison['forward_passes']['sequential']:,}"])
+        rows.append(["seconds", f"{comparison['seconds']['fixed']:.1f}",
+                     f"{comparison['seconds']['sequential']:.1f}"])
+        markdown += (f"\n## Sequential with radii {name}\n\n"
+                     + markdown_table(["", "fixed n", "sequential"], rows)
+                     + f"\nForward passes: {comparison['forward_pass_ratio']:.1f}x fewer; wall "
+                     f"clock {comparison['wall_clock_ratio']:.1f}x; largest certified-accuracy "
+                     f"difference {comparison['largest_difference_points']:.0f} points.\n")
     if "speed" in result:
         speed = result["speed"]
         markdown += (f"\nThroughput (n = {args.speed_n}, {args.speed_inputs} inputs): Cohen et al.'s "
@@ -182,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = write_results(f"sequential-{args.tag}-{device_label(device)}", result, markdown)
     print(markdown)
     print("written:", *paths)
+
+
+def _grid_name(grid: Sequence[float]) -> str:
+    return ",".join(f"{r:g}" for r in grid)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,10 @@ OPTIMIZER_DEFAULTS = {
     "ancer": {"iterations": 100, "lr": 0.04, "samples": 100, "kappa": 2.0},
 }
 
-#: forward passes on a CPU from which ``compile="auto"`` compiles the model: below this a
-#: run does not repay the compile (``benchmarks/bench_sequential.py`` measures the break-even)
+#: forward passes on a CPU from which ``compile="auto"`` compiles the model. On the shipped
+#: ResNet-20 (2-core CPU) compiling costs about 3 s and runs about 2x faster, repaid after
+#: about 5,000 passes (``benchmarks/bench_sequential.py``); the factor 10 leaves room for
+#: deeper models, whose compiles take longer
 CPU_COMPILE_BREAK_EVEN = 50_000
 
 ProgressCallback = Callable[[int], None]

@@ -10,7 +10,8 @@
   :func:`ancer.optimize.optimize_anisotropic`, started at the fixed σ or at DDRS's σ(x).
 
 CERTIFY is :meth:`ancer.smoothing.Smoothed.certify_batch` (Cohen et al. 2019, Alg. 1), with
-fixed n or sequentially with an anytime-valid confidence sequence (:mod:`ancer.sequential`).
+fixed n or sequentially with group-sequential tests of the grid radii's thresholds
+(:mod:`ancer.sequential`).
 When the scales depend on the input, a certificate is sound only as the memory answers it
 (:class:`ancer.memory.Memory`, Alfarra et al. 2022, §3.5): the engine passes each input's own
 certificate through its memory, in the order the inputs are given, and returns the answer.

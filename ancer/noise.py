@@ -167,7 +167,10 @@ class Noise(ABC):
         if not (math.isfinite(radius) and radius >= 0.0):
             raise ArgumentError(f"radius must be finite and >= 0, got {radius!r}")
         smallest = self._scale if self.isotropic else float(self._scale.min())
-        return self.probability_for_factor(radius / smallest)
+        p = self.probability_for_factor(radius / smallest)
+        while p < 1.0 and smallest * self.radius_factor(p) < radius:  # float rounding
+            p = math.nextafter(p, 2.0)
+        return p
 
     def describe(self) -> dict:
         """Plain-data description for results files: family, norm, σ and λ (isotropic), or

@@ -1,60 +1,59 @@
-"""Sequential (anytime-valid) CERTIFY: confidence sequences for p_A and an early-stopping plan.
+"""Sequential CERTIFY: group-sequential tests of p_A against the radii's thresholds.
 
 Fixed-n CERTIFY (Cohen, Rosenfeld & Kolter 2019) draws n estimation samples for every input and
 reports the one-sided Clopper-Pearson lower bound on p_A. Most inputs are decided long before n:
-an input with p_A = 1 passes the top grid level after a few thousand draws, and one with
+an input with p_A = 1 passes the top radius of a grid after a few thousand draws, and one with
 p_A < 1/2 abstains after a few hundred. Stopping as soon as the certified grid level is decided
-needs a lower bound that stays valid at a data-dependent stopping time, which a fixed-n bound is
-not. This module supplies such bounds and the stopping rule; it is pure NumPy/SciPy.
+needs a test that keeps its level at a data-dependent stopping time, which a fixed-n bound does
+not. This module supplies such tests and the stopping rule; it is pure NumPy/SciPy.
 
-Confidence sequence. For draws X_1, X_2, ... ~ Bernoulli(p) with S successes and F = t - S
-failures after t draws, and a prior pi on q in [0, 1], the mixture likelihood ratio
+Levels. A grid of radii r_1 < ... < r_K needs thresholds t_1 < ... < t_K on p_A (t_k = Φ(r_k/σ)
+for Gaussian noise; ``ancer.noise.Noise.probability_for_radius``). With t_0 = 1/2 (a prediction
+at all), level k is the claim p_A > t_k. The hypotheses H_k: p_A <= t_k are nested (H_k true
+implies H_{k+1} true), so testing them in order, each at the full level alpha, and claiming the
+highest k whose test and all lower ones rejected, is wrong with probability at most alpha: a
+wrong claim means that the test of the first true hypothesis rejected (fixed-sequence testing
+of nested hypotheses; Maurer, Hothorn & Lehmacher 1995). No union bound over the grid is paid.
 
-    M_t(p) = integral q^S (1 - q)^F d pi(q) / (p^S (1 - p)^F)
+Group-sequential test of H: p <= t. Estimation draws arrive in rounds whose cumulative sizes
+n_1 < ... < n_J = n (the looks) are fixed in advance by the budget n, ``first_round`` and
+``growth``, never by the data. After look j the test rejects if the successes S_j reach the
+boundary c_j(t). The boundaries spend alpha along the looks with the error-spending function
+alpha (n_j / n)^rho of Lan & DeMets (1983, "Discrete sequential boundaries for clinical
+trials", Biometrika 70) in the power family of Kim & DeMets (1987): c_j is the smallest count
+with P_t(S_1 < c_1, ..., S_{j-1} < c_{j-1}, S_j >= c_j) <= alpha (n_j/n)^rho minus what earlier
+looks spent, computed exactly by recursion over the binomial law of S_j on the paths not yet
+stopped (Jennison & Turnbull 2000, "Group Sequential Methods with Applications to Clinical
+Trials", ch. 12, exact calculations for binary data). Since the rejection probability of each
+look grows with p, P_p(reject) <= alpha for every p <= t. Stopping earlier than n_J, for any
+reason, only removes chances to reject, so the test keeps its level whatever the stopping rule
+(futility stops are "non-binding"); a rejection at any look is final, so the level reached is
+the highest the input has passed at any look.
 
-is a nonnegative martingale with M_0 = 1 under p (Robbins 1970), so by Ville's inequality
-(Ville 1939) P(exists t: M_t(p) >= 1/alpha) <= alpha. The set {p : M_t(p) < 1/alpha} is
-therefore a (1 - alpha) confidence sequence: it contains p at every t simultaneously, hence at any
-stopping time, whatever the stopping rule (Howard, Ramdas, McAuliffe & Sekhon 2021,
-"Time-uniform, nonparametric, nonasymptotic confidence sequences"). Since log M_t(p) is convex in
-p with its minimum <= 0 at p = S/t, the set is an interval [L_t, U_t] around S/t, found with a
-bracketing root finder on log M_t. With Beta(a, b) components the numerator is
-B(a + S, b + F) / B(a, b) (``scipy.special.betaln``). Because only the counts (S, t) enter,
-the bound can be evaluated from cumulative round counts; a betting confidence sequence
-(Waudby-Smith & Ramdas 2023) would need each round's counts.
+The power rho = 1/2 spends alpha early enough that an input with p_A = 1 passes Φ(3) (radius
+3σ) at alpha = 0.001 after 6,185 draws (5,114 for a fixed-n Clopper-Pearson test that knew
+the count in advance): one look is placed exactly where an all-success stream first passes
+the top threshold. Although 29% of alpha is left for the looks past n/2, the looks are so
+strongly correlated that the last boundary lies only about half a standard error above
+fixed-n CERTIFY's critical count, so inputs near a threshold, which need the whole budget,
+are tested almost as sharply as by fixed-n CERTIFY.
 
-The prior ``_PRIOR`` is tuned for p_A near 1, where the certificates at radii 0.25-0.75 with
-sigma = 0.25 live (Phi(1) = 0.841, Phi(2) = 0.977, Phi(3) = 0.99865): an atom at q = 1 makes an
-all-success stream cost only log(1/weight) nats more than a point test, Beta(a, 1/2) components
-with means 1 - 10^-k (k = 1..4) cover streams with a few failures at every scale, and a uniform
-component covers p_A near 1/2. A mixture of valid priors is a valid prior, so any weights keep
-the guarantee; they only move the bound's tightness between regimes.
+Reported bound. An input stopped at level k reports p_lower = t_k (0 at level 0, where it
+abstains), so ``P(p_A <= p_lower) <= alpha``; its radius is the grid radius r_k. The value
+used for t_0 is the float just above 1/2, so that a prediction passes the usual p_lower > 1/2
+check with a radius of about 1e-16.
 
-Final look. An input that reaches the full budget n reports
-max(L_n at level alpha_cs, Clopper-Pearson lower bound at n draws at level alpha_final), with
-alpha_cs + alpha_final = alpha. By the union bound both statements hold together with probability
-at least 1 - alpha: the confidence sequence at every look, and the fixed-n bound on the (possibly
-never completed) full stream of n draws, which is only used when the stream is completed. The
-default split (``FINAL_SHARE`` = 1/2) costs log 2 nats on each side. The early stops, where most
-draws are saved, pay for alpha_cs: with alpha = 0.001 and n = 100,000 an all-success input stops
-after 6,205 draws (5,900 with alpha_cs = 3/4 alpha, 6,725 with 1/4 alpha). The final look pays
-for alpha_final only for inputs within about 0.2 standard errors of a threshold at n draws, a
-narrow band of p_A: at p_A = 0.999, just above Phi(3), the final level matched fixed-n CERTIFY's
-in 88% of 400 runs (80% with alpha_final = 1/4 alpha, 94% with 3/4 alpha), and in 399 of 400 or
-all runs at p_A in {0.3, 0.6, 0.9, 0.98, 0.995, 0.9999, 1}.
+Stopping rule. An input stops when it passes the top threshold, when it reaches the budget, or
+when the next level is futile: the posterior predictive probability (Jeffreys prior, a
+beta-binomial law of the remaining draws) that S_n reaches that level's final boundary is below
+``futility``. Futility only decides when to stop drawing, never what is claimed, so it moves
+cost and certified accuracy but not soundness.
 
 Voracek (2024, "Treatment of Statistical Estimation Problems in Randomized Smoothing") and
 Cullen, Montague & Rubinstein (2026, "Halt Fast! Early Stopping for Certified Robustness") study
-sequential estimation for randomized smoothing in the same spirit.
-
-Stopping rule. After each round the certified level is the number of levels among
-(1/2, thresholds...) that the current lower bound exceeds. The input stops when the bound
-exceeds the top threshold, or when the next level is futile: even an optimistic projection
-cannot reach it at the budget. The projection takes an upper confidence-sequence bound U on p_A
-(at level ``futility_alpha``), assumes the remaining draws succeed at rate U plus a
-``futility_alpha`` normal quantile of binomial noise, and applies the final-look bound to the
-projected count. Futility only decides when to stop drawing, never what is reported, so it
-affects cost and certified accuracy but not soundness.
+sequential estimation for randomized smoothing in the same spirit, with confidence sequences
+and e-processes, which are valid at arbitrary (also data-dependent) look times; fixed looks
+allow the exact binomial boundaries above, which are sharper.
 """
 from __future__ import annotations
 
@@ -63,311 +62,244 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import betaln, logsumexp
-from scipy.stats import norm
+from scipy.signal import fftconvolve
+from scipy.stats import betabinom, binom
 
 from ancer.errors import ArgumentError
-from ancer.stats import check_alpha, check_count, clopper_pearson_lower
+from ancer.stats import check_alpha, check_count
 
-#: Share of alpha spent on the fixed-n Clopper-Pearson bound at the final look.
-FINAL_SHARE = 0.5
+#: t_0: the claim p_A > PREDICTION_LEVEL is a prediction (the float just above 1/2).
+PREDICTION_LEVEL = math.nextafter(0.5, 1.0)
 
-# Mixing distribution of the confidence sequence: an atom at q = 1 with weight 0.3, a uniform
-# Beta(1, 1) with weight 0.1 and Beta(a, 1/2) with means 1 - 10^-k, k = 1..4, with weight 0.15
-# each (the weights sum to 1).
-_LOG_ATOM_WEIGHT = math.log(0.3)
-_BETA_A = np.array([1.0] + [0.5 * (1.0 - m) / m for m in (1e-1, 1e-2, 1e-3, 1e-4)])
-_BETA_B = np.array([1.0] + [0.5] * 4)
-_LOG_WEIGHTS = np.log(np.array([0.1] + [0.15] * 4))
-_LOG_BETA_NORMALIZERS = betaln(_BETA_A, _BETA_B)
-
-# Bracket ends strictly inside (0, 1) for the root finder; double precision resolves p to about
-# 1e-16, far finer than any bound here needs.
-_P_MIN = 1e-12
-_P_MAX = math.nextafter(1.0, 0.0)
+# Relative margin on every look's alpha share: it covers the floating-point error of the FFT
+# convolutions (about 1e-15 of the total mass), so the computed boundaries are conservative.
+_MARGIN = 1e-9
+# Binomial increments are evaluated within this many standard deviations of their mean; the
+# mass outside is bounded exactly (binom.cdf / binom.sf) and counted as if it rejected.
+_WINDOW_SDS = 40.0
 
 
-def _check_counts(successes: int, trials: int) -> tuple[int, int]:
-    trials = check_count("trials", trials)
-    successes = check_count("successes", successes, minimum=0)
-    if successes > trials:
-        raise ArgumentError(
-            f"successes={successes} exceeds trials={trials}; pass the number of votes for the "
-            "selected class among the estimation draws"
-        )
-    return successes, trials
+def look_times(budget: int, first_round: int, growth: float) -> tuple[int, ...]:
+    """Cumulative draws at each look: first_round, then rounds growing by ``growth``, ending
+    exactly at ``budget`` (a look closer than first_round / 2 to the budget is dropped)."""
+    looks, size, total = [], float(first_round), 0.0
+    while round(total + size) < budget:
+        total += size
+        looks.append(round(total))
+        size *= growth
+    while looks and budget - looks[-1] < first_round / 2:
+        looks.pop()
+    return tuple(looks) + (budget,)
 
 
-def _log_marginal(successes: np.ndarray, failures: np.ndarray) -> np.ndarray:
-    """log of the prior-mixture likelihood, log integral q^S (1 - q)^F d pi(q), elementwise."""
-    components = (
-        _LOG_WEIGHTS
-        + betaln(_BETA_A + successes[..., None], _BETA_B + failures[..., None])
-        - _LOG_BETA_NORMALIZERS
-    )
-    atom = np.where(failures == 0, _LOG_ATOM_WEIGHT, -np.inf)  # 1^S 0^F at q = 1
-    return logsumexp(np.concatenate([components, atom[..., None]], axis=-1), axis=-1)
+@functools.lru_cache(maxsize=1024)
+def rejection_boundaries(
+    threshold: float, alpha: float, looks: tuple[int, ...], spending_power: float
+) -> tuple[tuple[int, ...], float]:
+    """The boundaries c_j of the group-sequential test of H: p <= ``threshold`` (module
+    docstring) and its exact level P_threshold(exists j: S_j >= c_j) <= alpha.
 
-
-def log_mixture_martingale(
-    successes: int | np.ndarray, trials: int | np.ndarray, p: float | np.ndarray
-) -> np.ndarray:
-    """log M_t(p), the log of the mixture likelihood ratio after ``successes`` in ``trials`` draws.
-
-    Under Bernoulli(p) draws M_t(p) is a nonnegative martingale with M_0 = 1, so
-    P(exists t: log M_t(p) >= log(1/alpha)) <= alpha; ``lower_confidence_sequence`` and
-    ``upper_confidence_sequence`` are the ends of {p : log M_t(p) < log(1/alpha)}. The three
-    arguments broadcast against each other; p lies in [0, 1] (0 log 0 is taken as 0).
+    c_j = looks[j] + 1 means that look j cannot reject. Computed by the forward recursion
+    f_j = (f_{j-1} restricted to s < c_{j-1}) * Binomial(n_j - n_{j-1}, threshold), where f_j
+    is the law of S_j on the paths not yet rejected.
     """
-    successes, trials, p = np.broadcast_arrays(
-        np.asarray(successes), np.asarray(trials), np.asarray(p, dtype=float)
-    )
-    if np.any(trials < 1) or np.any(successes < 0) or np.any(successes > trials):
-        raise ArgumentError("need 0 <= successes <= trials and trials >= 1 for every element")
-    if np.any((p < 0.0) | (p > 1.0)):
-        raise ArgumentError("p must lie in [0, 1]")
-    failures = trials - successes
-    log_marginal = _log_marginal(successes, failures)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_p = np.where(successes > 0, successes * np.log(p), 0.0)
-        log_q = np.where(failures > 0, failures * np.log1p(-p), 0.0)
-    return log_marginal - log_p - log_q
-
-
-@functools.lru_cache(maxsize=65536)
-def _interval(successes: int, trials: int, alpha: float) -> tuple[float, float]:
-    """The interval {p : M_t(p) < 1/alpha} as (lower, upper); counts and alpha already checked."""
-    failures = trials - successes
-    log_level = math.log(1.0 / alpha)
-    log_marginal = float(_log_marginal(np.asarray(successes), np.asarray(failures)))
-
-    def excess(p: float) -> float:
-        value = log_marginal - log_level
-        if successes:
-            value -= successes * math.log(p)
-        if failures:
-            value -= failures * math.log1p(-p)
-        return value
-
-    mle = successes / trials
-    if successes == 0 or excess(_P_MIN) <= 0.0:
-        lower = 0.0
-    else:
-        lower = brentq(excess, _P_MIN, mle, xtol=1e-15, rtol=4 * np.finfo(float).eps)
-    if failures == 0 or excess(_P_MAX) <= 0.0:
-        upper = 1.0
-    else:
-        upper = brentq(excess, mle, _P_MAX, xtol=1e-15, rtol=4 * np.finfo(float).eps)
-    return float(lower), float(upper)
-
-
-def lower_confidence_sequence(successes: int, trials: int, alpha: float) -> float:
-    """Anytime-valid lower bound L_t on a Bernoulli p: P(exists t: p < L_t) <= alpha.
-
-    L_t = inf{p : M_t(p) < 1/alpha} for the mixture martingale of the module docstring; it is
-    0 when there is no success and always <= successes / trials.
-    """
-    successes, trials = _check_counts(successes, trials)
-    return _interval(successes, trials, check_alpha(alpha))[0]
-
-
-def upper_confidence_sequence(successes: int, trials: int, alpha: float) -> float:
-    """Anytime-valid upper bound U_t on a Bernoulli p: P(exists t: p > U_t) <= alpha.
-
-    U_t = sup{p : M_t(p) < 1/alpha}; it is 1 when there is no failure and always
-    >= successes / trials.
-    """
-    successes, trials = _check_counts(successes, trials)
-    return _interval(successes, trials, check_alpha(alpha))[1]
-
-
-def _final_look_lower(successes: int, budget: int, alpha: float, final_share: float) -> float:
-    """The bound reported at the final look: the larger of the confidence sequence at
-    alpha (1 - final_share) and Clopper-Pearson at alpha final_share."""
-    sequence = _interval(successes, budget, alpha * (1.0 - final_share))[0]
-    return max(sequence, clopper_pearson_lower(successes, budget, alpha * final_share))
-
-
-def _check_share(final_share: float) -> float:
-    try:
-        share = float(final_share)
-    except (TypeError, ValueError):
-        share = math.nan
-    if not 0.0 < share < 1.0:
-        raise ArgumentError(
-            f"final_share must lie in (0, 1), got {final_share!r}; it is the part of alpha spent "
-            f"on the final Clopper-Pearson look, e.g. {FINAL_SHARE}"
-        )
-    return share
-
-
-def max_certifiable_probability(
-    budget: int, alpha: float, final_share: float = FINAL_SHARE
-) -> float:
-    """The largest p_lower a ``SequentialPlan`` with this budget, alpha and final_share can
-    report: the final-look bound when all ``budget`` draws succeed. Thresholds above it are
-    never certified."""
-    budget = check_count("budget", budget)
-    return _final_look_lower(budget, budget, check_alpha(alpha), _check_share(final_share))
+    budget = looks[-1]
+    offset, mass = 0, np.ones(1)  # mass[i] = P(S_j = offset + i, not rejected before)
+    spent, previous, boundaries = 0.0, 0, []
+    for look in looks:
+        draws = look - previous
+        previous = look
+        sd = math.sqrt(draws * threshold * (1.0 - threshold))
+        low = max(0, math.floor(draws * threshold - _WINDOW_SDS * sd) - 1)
+        high = min(draws, math.ceil(draws * threshold + _WINDOW_SDS * sd) + 1)
+        increment = binom.pmf(np.arange(low, high + 1), draws, threshold)
+        outside = float(binom.cdf(low - 1, draws, threshold) + binom.sf(high, draws, threshold))
+        spent += outside * float(mass.sum())  # counted as rejected: conservative
+        mass = np.clip(fftconvolve(mass, increment), 0.0, None)
+        offset += low
+        allowed = alpha * (look / budget) ** spending_power * (1.0 - _MARGIN) - spent
+        tails = np.cumsum(mass[::-1])[::-1]  # tails[i] = P(S_j >= offset + i, not rejected)
+        within = np.flatnonzero(tails <= allowed)
+        cut = int(within[0]) if len(within) else len(mass)
+        boundaries.append(min(offset + cut, look + 1))
+        spent += float(tails[cut]) if cut < len(mass) else 0.0
+        mass = mass[:cut]
+        kept = np.flatnonzero(mass > 1e-300)  # drop the far left tail, counted as rejected
+        if len(kept):
+            spent += float(mass[: kept[0]].sum())
+            offset += int(kept[0])
+            mass = mass[kept[0]:]
+    return tuple(boundaries), spent
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with one input after a round."""
+    """What to do with one input after a look."""
 
     stop: bool  #: True: stop drawing for this input.
-    p_lower: float  #: The valid lower bound on p_A at this look (0.0 if none).
+    level: int  #: Levels passed so far: 0 none, 1 a prediction (p_A > 1/2), k + 1 threshold k.
+    p_lower: float  #: The level's value: P(p_A <= p_lower) <= alpha; 0.0 at level 0.
 
 
 @dataclass(frozen=True)
 class SequentialPlan:
-    """Round sizes and stopping rule of sequential CERTIFY for one alpha, budget and grid.
+    """Looks, tests and stopping rule of sequential CERTIFY for one alpha, budget and grid.
 
-    The reported ``Decision.p_lower`` is a lower bound on p_A that holds with probability at
-    least 1 - alpha at whatever look the input stops (module docstring); the caller certifies
-    each grid radius whose threshold it exceeds and abstains unless it exceeds 1/2.
+    An input that stops with ``Decision.level`` = k has p_A > ``levels[k - 1]`` with
+    probability at least 1 - alpha, whatever the stopping rule (module docstring).
     """
 
-    alpha: float  #: Total failure probability of the reported bound.
+    alpha: float  #: Probability that the claimed level is wrong.
     budget: int  #: n: at most this many estimation draws per input.
-    thresholds: tuple[float, ...]  #: Increasing p_A levels the grid radii need, each in (1/2, 1).
+    thresholds: tuple[float, ...]  #: Increasing p_A levels the radii need, each in (1/2, 1).
     growth: float = 1.25  #: Each round is this factor larger than the previous one.
     first_round: int = 500  #: Size of the first estimation round.
-    final_share: float = FINAL_SHARE  #: Part of alpha spent on the final Clopper-Pearson look.
-    futility_alpha: float = 0.001  #: Level of the optimistic upper bound behind futility stops.
+    spending_power: float = 0.5  #: rho: by look n_j the tests have spent alpha (n_j / n)^rho.
+    futility: float = 0.02  #: Stop once the next level's predictive probability is below this.
 
     def __post_init__(self) -> None:
-        check_alpha(self.alpha)
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "budget", check_count("budget", self.budget))
         object.__setattr__(self, "first_round", check_count("first_round", self.first_round))
-        object.__setattr__(self, "final_share", _check_share(self.final_share))
-        try:
-            object.__setattr__(self, "futility_alpha", check_alpha(self.futility_alpha))
-        except ArgumentError:
-            raise ArgumentError(
-                f"futility_alpha must lie in (0, 1), got {self.futility_alpha!r}; it only sets how "
-                "eagerly hopeless inputs stop, e.g. 0.001"
-            ) from None
-        try:
-            growth = float(self.growth)
-        except (TypeError, ValueError):
-            growth = math.nan
-        if not growth > 1.0 or math.isinf(growth):
-            raise ArgumentError(
-                f"growth must be a finite number > 1, got {self.growth!r}; rounds grow by this "
-                "factor, e.g. 1.25"
-            )
+        object.__setattr__(self, "growth", _positive("growth", self.growth, above=1.0,
+                                                     example="1.25; rounds grow by this factor"))
+        object.__setattr__(self, "spending_power", _positive(
+            "spending_power", self.spending_power, above=0.0,
+            example="0.5; smaller spends alpha earlier"))
+        futility = _positive("futility", self.futility, above=0.0,
+                             example="0.02; it only sets how eagerly hopeless inputs stop")
+        if futility >= 1.0:
+            raise ArgumentError(f"futility must lie in (0, 1), got {self.futility!r}; e.g. 0.02")
+        object.__setattr__(self, "futility", futility)
         try:
             thresholds = tuple(float(value) for value in self.thresholds)
         except (TypeError, ValueError):
             raise ArgumentError(
                 f"thresholds must be a sequence of numbers, got {self.thresholds!r}"
             ) from None
-        if not thresholds:
-            raise ArgumentError("thresholds is empty; pass the p_A level of at least one radius")
         for value in thresholds:
-            if not 0.5 < value < 1.0:
+            if not PREDICTION_LEVEL < value < 1.0:
                 raise ArgumentError(
-                    f"threshold {value!r} is outside (1/2, 1); drop radius 0 (it needs only "
-                    "p_lower > 1/2) and radii no p_A < 1 can certify"
+                    f"threshold {value!r} is outside (1/2, 1); drop radius 0 (a prediction is "
+                    "always a level) and radii no p_A < 1 can certify"
                 )
         if any(low >= high for low, high in zip(thresholds, thresholds[1:])):
             raise ArgumentError(
                 f"thresholds must be strictly increasing, got {thresholds}; sort the radii and "
                 "drop duplicates"
             )
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "growth", growth)
         object.__setattr__(self, "thresholds", thresholds)
 
     @property
     def levels(self) -> tuple[float, ...]:
-        """The levels a lower bound can pass, in order: 1/2 (a prediction), then thresholds."""
-        return (0.5,) + self.thresholds
+        """The values a certified input can claim p_A exceeds, in order: 1/2, then thresholds."""
+        return (PREDICTION_LEVEL,) + self.thresholds
 
-    @property
-    def sequence_alpha(self) -> float:
-        """Level of the confidence sequence used at every look: alpha (1 - final_share)."""
-        return self.alpha * (1.0 - self.final_share)
+    def looks(self) -> tuple[int, ...]:
+        """Cumulative estimation draws at which the tests are evaluated; the last is the budget.
 
-    def all_success_stop(self) -> int | None:
-        """The fewest draws after which an all-success input passes the top threshold with the
-        confidence sequence alone, or None if that takes the whole budget or more."""
-        return _all_success_stop(self.budget, self.sequence_alpha, self.thresholds[-1])
+        ``look_times``, plus one look where an all-success stream first passes the top level
+        (the common case p_A ~ 1 then draws nothing past its decisive point); looks within a
+        factor sqrt(growth) or first_round / 2 of it are dropped."""
+        return _looks_with_anchor(self)
 
     def rounds(self) -> list[int]:
-        """Sizes of the estimation rounds: positive ints summing exactly to ``budget``.
+        """Sizes of the estimation rounds: positive ints summing exactly to ``budget``."""
+        return np.diff((0,) + self.looks()).tolist()
 
-        Round k has first_round * growth^k draws, except that one look is placed exactly where
-        an all-success input passes the top threshold, so that the common case p_A ~ 1 draws
-        nothing past its decisive point (looks within a factor sqrt(growth) or first_round / 2
-        of it are dropped), and the last round runs to the budget (a look closer than
-        first_round / 2 to the budget is dropped).
-        """
-        return list(_rounds(self))
+    def boundaries(self, level: int) -> tuple[int, ...]:
+        """c_j of the test of p_A <= levels[level] at each look (``rejection_boundaries``)."""
+        return rejection_boundaries(self.levels[level], self.alpha, self.looks(),
+                                    self.spending_power)[0]
 
-    def decide(self, successes: int, trials: int) -> Decision:
-        """Stop or continue after a round, given the cumulative votes for the selected class.
+    def decide(self, successes: int, trials: int, level: int = 0) -> Decision:
+        """Stop or continue after the look at ``trials`` cumulative estimation draws, given the
+        cumulative votes ``successes`` for the selected class and the ``level`` passed at
+        earlier looks (0 at the first). At ``trials == budget`` the decision always stops."""
+        successes = check_count("successes", successes, minimum=0)
+        trials = check_count("trials", trials)
+        if successes > trials:
+            raise ArgumentError(f"successes={successes} exceeds trials={trials}; pass the votes "
+                                "for the selected class among the estimation draws")
+        looks = self.looks()
+        try:
+            look = looks.index(trials)
+        except ValueError:
+            raise ArgumentError(f"trials={trials} is not a look of this plan; draw the rounds "
+                                "of rounds() and decide after each") from None
+        levels = self.levels
+        level = check_count("level", level, minimum=0)
+        if level > len(levels):
+            raise ArgumentError(f"level must lie in [0, {len(levels)}], got {level!r}")
+        while level < len(levels) and successes >= self.boundaries(level)[look]:
+            level += 1
+        p_lower = levels[level - 1] if level else 0.0
+        stop = level == len(levels) or trials == self.budget or self._futile(
+            successes, trials, level)
+        return Decision(stop=stop, level=level, p_lower=p_lower)
 
-        ``trials`` is the cumulative number of estimation draws (a cumulative sum of
-        ``rounds()``); at ``trials == budget`` the decision always stops and its bound includes
-        the final Clopper-Pearson look.
-        """
-        successes, trials = _check_counts(successes, trials)
-        if trials > self.budget:
-            raise ArgumentError(
-                f"trials={trials} exceeds the budget {self.budget}; stop drawing once decide() "
-                "says stop"
-            )
-        if trials == self.budget:
-            p_lower = _final_look_lower(successes, trials, self.alpha, self.final_share)
-            return Decision(stop=True, p_lower=p_lower)
-        p_lower = _interval(successes, trials, self.sequence_alpha)[0]
-        passed = sum(p_lower > level for level in self.levels)
-        if passed == len(self.levels):
-            return Decision(stop=True, p_lower=p_lower)
-        return Decision(stop=self._futile(successes, trials, self.levels[passed]), p_lower=p_lower)
-
-    def _futile(self, successes: int, trials: int, level: float) -> bool:
-        """True if even an optimistic projection to the budget cannot exceed ``level``."""
-        upper = _interval(successes, trials, self.futility_alpha)[1]
+    def _futile(self, successes: int, trials: int, level: int) -> bool:
+        """True if the posterior predictive probability (Jeffreys prior) that the final look
+        reaches ``level``'s boundary is below ``futility``."""
+        needed = self.boundaries(level)[-1] - successes
         remaining = self.budget - trials
-        noise = norm.isf(self.futility_alpha) * math.sqrt(remaining * upper * (1.0 - upper))
-        projected = min(self.budget, math.ceil(successes + remaining * upper + noise))
-        return _final_look_lower(projected, self.budget, self.alpha, self.final_share) <= level
+        if needed > remaining:
+            return True
+        chance = betabinom.sf(needed - 1, remaining, successes + 0.5, trials - successes + 0.5)
+        return bool(chance < self.futility)
 
 
 @functools.lru_cache(maxsize=256)
-def _all_success_stop(budget: int, alpha: float, top: float) -> int | None:
-    if _interval(budget, budget, alpha)[0] <= top:
-        return None
-    low, high = 1, budget  # the all-success bound increases with t: bisect for the first pass
-    while low < high:
-        middle = (low + high) // 2
-        if _interval(middle, middle, alpha)[0] > top:
-            high = middle
-        else:
-            low = middle + 1
+def _looks_with_anchor(plan: SequentialPlan) -> tuple[int, ...]:
+    base = look_times(plan.budget, plan.first_round, plan.growth)
+    top = plan.levels[-1]
+    # first guess: the smallest t with top^t <= alpha (t / n)^rho, i.e. what the all-success
+    # path costs at a look with the whole allowance of that look to itself
+    anchor = plan.first_round
+    while anchor < plan.budget and top ** anchor > plan.alpha * (anchor / plan.budget) ** plan.spending_power:
+        anchor = max(anchor + 1, math.ceil(anchor * 1.01))
+    spread = math.sqrt(plan.growth)
+    for _ in range(100):  # earlier looks spend too: move the anchor out until it rejects there
+        if anchor >= plan.budget - plan.first_round / 2:
+            return base
+        near = {t for t in base[:-1]
+                if anchor / spread < t < anchor * spread or abs(t - anchor) < plan.first_round / 2}
+        looks = tuple(sorted((set(base) - near) | {anchor}))
+        boundaries = rejection_boundaries(top, plan.alpha, looks, plan.spending_power)[0]
+        if boundaries[looks.index(anchor)] <= anchor:
+            return looks
+        anchor = math.ceil(anchor * 1.002)
+    return base
+
+
+def _positive(name: str, value: float, above: float, example: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number > above or math.isinf(number):
+        raise ArgumentError(f"{name} must be a finite number > {above:g}, got {value!r}; e.g. "
+                            f"{example}")
+    return number
+
+
+def max_certifiable_probability(budget: int, alpha: float) -> float:
+    """The largest threshold t < 1 that a default ``SequentialPlan`` with this budget and alpha
+    can pass: an all-success stream reaches some look's boundary for t (bisection, to 1e-9).
+    Thresholds above it are never certified."""
+    budget = check_count("budget", budget)
+    alpha = check_alpha(alpha)
+    plan = SequentialPlan(alpha, budget, ())
+    looks = plan.looks()
+
+    def passes(t: float) -> bool:
+        boundaries = rejection_boundaries(t, alpha, looks, plan.spending_power)[0]
+        return any(c <= look for c, look in zip(boundaries, looks))
+
+    low, high = 0.5, 1.0
+    if not passes(PREDICTION_LEVEL):
+        return 0.5
+    while high - low > 1e-9:
+        middle = (low + high) / 2
+        low, high = (middle, high) if passes(middle) else (low, middle)
     return low
-
-
-@functools.lru_cache(maxsize=256)
-def _rounds(plan: SequentialPlan) -> tuple[int, ...]:
-    min_gap = plan.first_round / 2
-    looks, size, total = [], float(plan.first_round), 0.0
-    while round(total + size) < plan.budget:
-        total += size
-        looks.append(round(total))
-        size *= plan.growth
-    anchor = plan.all_success_stop()
-    if anchor is not None and anchor > plan.first_round:
-        spread = math.sqrt(plan.growth)
-        looks = [
-            t for t in looks
-            if not (anchor / spread < t < anchor * spread or abs(t - anchor) < min_gap)
-        ]
-        looks = sorted(looks + [anchor])
-    while looks and plan.budget - looks[-1] < min_gap:
-        looks.pop()
-    return tuple(np.diff([0] + looks + [plan.budget]).tolist())

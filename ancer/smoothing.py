@@ -146,15 +146,15 @@ def _pack(nums: Sequence[int], batch_size: int) -> List[List[tuple]]:
 def sequential_plan(noise: Noise, budget: int, alpha: float, radii: Sequence[float]) -> SequentialPlan:
     """The plan of sequential CERTIFY for an input smoothed with ``noise``: its thresholds are
     the p_A each radius needs (``Noise.probability_for_radius``: Φ(r / min θ) or
-    1/2 + r / (2 min λ), the same function of p_A for balls, ellipsoids and cross-polytopes).
+    1/2 + r / (2 min λ), the same function of p_A for balls, ellipsoids and cross-polytopes,
+    and the region certified at a threshold has proxy radius >= r in floating point too).
     Radii no p_A < 1 reaches are dropped; when none is left, the plan stops as soon as the
     input is certified at all."""
     if not radii:
         raise ArgumentError("sequential certification needs radii (e.g. radii=(0.25, 0.5, 0.75)): "
                             "the grid whose certified level decides when an input stops")
     thresholds = sorted({noise.probability_for_radius(r) for r in radii})
-    reachable = tuple(t for t in thresholds if 0.5 < t < 1.0)
-    return SequentialPlan(alpha, budget, reachable or (math.nextafter(0.5, 1.0),))
+    return SequentialPlan(alpha, budget, tuple(t for t in thresholds if 0.5 < t < 1.0))
 
 
 class Smoothed:
@@ -304,9 +304,10 @@ class Smoothed:
         Fixed n (default): n estimation draws each, p_A the one-sided Clopper-Pearson bound.
         ``sequential=True``: the estimation draws come in growing rounds, at most ``n`` in
         all, and input i stops once its certified level on the grid ``radii`` is decided
-        (:class:`ancer.sequential.SequentialPlan`); p_A is then an anytime-valid confidence
-        sequence's bound at the stopping time, valid whatever the stopping rule, and the
-        certificate's ``n`` is the estimation draws made. Finished inputs leave the forward
+        (:class:`ancer.sequential.SequentialPlan`); p_A is then the highest grid threshold
+        that group-sequential tests at level alpha have passed, valid whatever the stopping
+        rule, the radius that threshold's grid radius, and the certificate's ``n`` the
+        estimation draws made. Finished inputs leave the forward
         batches; the others keep filling them."""
         n0 = check_count("n0", n0)
         n = check_count("n", n)
@@ -341,7 +342,7 @@ class Smoothed:
                 precision=self.precision,
                 noise=noise,
                 samples=n0 + trials[i],
-                bound="confidence-sequence" if sequential else "clopper-pearson",
+                bound="group-sequential" if sequential else "clopper-pearson",
             ))
         return certificates
 
@@ -361,11 +362,13 @@ class Smoothed:
 
         Each round, every input still running draws its plan's next round (one host
         synchronization per round); after it, the plan decides from the cumulative votes for
-        the selected class whether the input stops, and with which bound."""
+        the selected class and the level already passed whether the input stops, and at which
+        level."""
         plans = [sequential_plan(noise, budget, alpha, radii) for noise in noises]
         schedules = [plan.rounds() for plan in plans]
         votes = np.zeros((len(xs), self.num_classes), dtype=np.int64)
         trials, rounds_done, bounds = [0] * len(xs), [0] * len(xs), [0.0] * len(xs)
+        levels = [0] * len(xs)
         running = list(range(len(xs)))
         while running:
             nums = [schedules[i][rounds_done[i]] for i in running]
@@ -377,8 +380,8 @@ class Smoothed:
                 votes[i] += new[row]
                 trials[i] += nums[row]
                 rounds_done[i] += 1
-                decision = plans[i].decide(int(votes[i, candidates[i]]), trials[i])
-                bounds[i] = decision.p_lower
+                decision = plans[i].decide(int(votes[i, candidates[i]]), trials[i], levels[i])
+                levels[i], bounds[i] = decision.level, decision.p_lower
                 if not decision.stop:
                     still.append(i)
             running = still

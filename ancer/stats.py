@@ -30,7 +30,11 @@ def check_alpha(alpha: float) -> float:
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum``, else raise."""
-    if isinstance(value, bool) or int(value) != value or value < minimum:
+    try:
+        valid = not isinstance(value, bool) and int(value) == value and value >= minimum
+    except (TypeError, ValueError, OverflowError):  # None, "a", nan, inf
+        valid = False
+    if not valid:
         raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 

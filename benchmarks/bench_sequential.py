@@ -19,6 +19,7 @@ Results go to ``benchmarks/results/sequential-<tag>-<device>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -38,7 +39,7 @@ from certify.demo import CHECKPOINT, SAMPLE  # noqa: E402
 
 def certify_all(certifier: Certifier, dataset, group: int) -> Dict[str, object]:
     """Certify every input of ``dataset`` in groups; labels, predictions, radii, samples, time."""
-    labels, predictions, radii, samples = [], [], [], []
+    labels, predictions, radii, samples, counts = [], [], [], [], []
     synchronize(certifier.device)
     start = time.perf_counter()
     for first in range(0, len(dataset), group):
@@ -50,9 +51,11 @@ def certify_all(certifier: Certifier, dataset, group: int) -> Dict[str, object]:
             predictions.append(int(certificate.label))
             radii.append(float(certificate.radius))
             samples.append(int(certificate.samples))
+            selected = int(np.argmax(certificate.selection_counts))
+            counts.append([int(certificate.counts[selected]), int(certificate.n)])
     synchronize(certifier.device)
     return {"labels": labels, "predictions": predictions, "radii": radii, "samples": samples,
-            "seconds": time.perf_counter() - start}
+            "counts": counts, "seconds": time.perf_counter() - start}
 
 
 def certified_accuracy(run: Dict[str, object], radius: float) -> float:
@@ -112,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--speed-inputs", type=int, default=4, help="inputs of the throughput runs")
     parser.add_argument("--no-speed", action="store_true", help="skip the throughput runs")
     parser.add_argument("--tag", default="resnet20")
+    parser.add_argument("--fixed-run", type=Path, default=None,
+                        help="a JSON file for the fixed-n run: reused if it holds a run with the "
+                             "same settings on this device, else written after the run (the "
+                             "fixed-n run does not depend on the sequential rule, so one "
+                             "measurement serves every sequential variant)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,12 +132,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     planned = len(dataset) * (args.n0 + args.n)
     configs = [(_grid_name(grid), base.replace(sequential=True, radii=grid)) for grid in grids]
     runs = {}
-    for name, config in configs + [("fixed", base)]:
+    settings = {"model": Path(args.model).name, "data": Path(args.data).name,
+                "inputs": len(dataset), "sigma": args.sigma, "alpha": args.alpha, "n0": args.n0,
+                "n": args.n, "batch": args.batch, "group": args.group,
+                "precision": args.precision, "compile": args.compile,
+                "device": device_label(device), "torch": torch.__version__}
+    fixed_reused = _load_fixed_run(args.fixed_run, settings)
+    if fixed_reused is not None:
+        runs["fixed"] = fixed_reused
+        print(f"fixed: reused from {args.fixed_run} (measured {fixed_reused['date']})", flush=True)
+    for name, config in [("fixed", base)] + configs:
+        if name in runs:
+            continue
         certifier = Certifier(loaded, config, device=device, planned_samples=planned)
         runs[name] = certify_all(certifier, dataset, args.group)
         runs[name]["compiled"] = bool(certifier.smoothed.runner.is_compiled)
         print(f"{name}: {sum(runs[name]['samples']):,} forward passes, "
               f"{runs[name]['seconds']:.1f} s", flush=True)
+        if name == "fixed":
+            runs[name]["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            if args.fixed_run is not None:  # saved at once: a later failure keeps it
+                args.fixed_run.parent.mkdir(parents=True, exist_ok=True)
+                args.fixed_run.write_text(json.dumps({"settings": settings, "run": runs[name]}))
     fixed = runs["fixed"]
     comparisons = {}
     for (name, _), grid in zip(configs, grids):
@@ -156,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "data": Path(args.data).name, "inputs": len(dataset), "sigma": args.sigma,
         "alpha": args.alpha, "n0": args.n0, "n": args.n, "batch": args.batch,
         "group": args.group, "precision": args.precision, "comparisons": comparisons,
+        "fixed_run": ({"reused_from": str(args.fixed_run), "measured": fixed["date"]}
+                      if fixed_reused is not None else "measured in this run"),
         "compiled": {name: run["compiled"] for name, run in runs.items()},
-        "per_input": {name: {key: run[key] for key in ("labels", "predictions", "radii", "samples")}
+        "per_input": {name: {key: run[key] for key in ("labels", "predictions", "radii", "samples", "counts")}
                       for name, run in runs.items()},
     }
     if not args.no_speed:
@@ -207,6 +233,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = write_results(f"sequential-{args.tag}-{device_label(device)}", result, markdown)
     print(markdown)
     print("written:", *paths)
+
+
+def _load_fixed_run(path: Path | None, settings: Dict[str, object]) -> Dict[str, object] | None:
+    """The fixed-n run saved in ``path`` if its settings equal ``settings``, else None."""
+    if path is None or not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != settings:
+        print(f"fixed: {path} was measured with other settings; measuring again", flush=True)
+        return None
+    return saved["run"]
 
 
 def _grid_name(grid: Sequence[float]) -> str:

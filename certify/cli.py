@@ -84,8 +84,10 @@ def run_parser() -> argparse.ArgumentParser:
     noise.add_argument("--sequential", action="store_true",
                        help="sequential CERTIFY: draw the n samples in growing rounds and stop "
                             "each input once its certified level on the --radii grid is "
-                            "decided; the bound is an anytime-valid confidence sequence, so "
-                            "the guarantee is the same at a fraction of the samples")
+                            "decided; each radius is tested at the full alpha by an exact "
+                            "group-sequential test at looks fixed in advance, so the guarantee "
+                            "is the same whatever the stopping, at a fraction of the samples; "
+                            "the certified radius is the grid radius passed")
     noise.add_argument("--radii", type=_radii, metavar="R1,R2,...",
                        help="--sequential: the increasing radii whose certification decides "
                             "when an input stops (default: sigma, 2*sigma, 3*sigma)")

@@ -363,7 +363,7 @@ def legend_label(name: str, table: ResultsTable) -> str:
     abstain = float(np.mean(table.columns["predict"] == ABSTAIN))
     proxy = ", proxy radius" if table.anisotropic else ""
     bounds = table.columns.get("bound")
-    sequential = " sequential" if bounds is not None and (bounds == "confidence-sequence").any() else ""
+    sequential = " sequential" if bounds is not None and (bounds == "group-sequential").any() else ""
     size = "n unknown" if n is None else f"n={n}{sequential}"
     return f"{name} ({size}, abstain {abstain:.0%}{proxy})"
 

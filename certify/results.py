@@ -44,9 +44,11 @@ omit them; read as ``-`` and -1):
   below n0 + n (-1: not recorded).
 - ``bound``: how ``p_lower`` was computed: ``clopper-pearson`` (fixed-n CERTIFY: the
   one-sided Clopper-Pearson bound from ``count_a`` of ``n``, recomputable at another alpha)
-  or ``confidence-sequence`` (sequential CERTIFY: an anytime-valid bound at the stopping
-  time; ``n`` is then the estimation draws actually made, and a Clopper-Pearson bound
-  recomputed from ``count_a`` of ``n`` would NOT be valid, since it ignores the stopping).
+  or ``group-sequential`` (sequential CERTIFY: the threshold of the highest grid level that
+  group-sequential tests at level alpha passed, so ``radius`` is that level's grid radius;
+  ``n`` is then the estimation draws actually made, chosen by looking at the draws, and a
+  Clopper-Pearson bound recomputed from ``count_a`` of ``n`` would NOT be valid, since it
+  ignores the stopping).
 
 ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` always describe the input's own CERTIFY,
 before memory-based certification. For a row that the memory shrank, overrode or abstained
@@ -415,8 +417,8 @@ class ResultsWriter:
         written = os.write(self._fd, data)
         while written < len(data):  # a short write happens only on a full disk or a signal
             written += os.write(self._fd, data[written:])
+        self.done.add(row.idx)  # the whole line is in the file: a Ctrl-C in fsync keeps it
         os.fsync(self._fd)
-        self.done.add(row.idx)
 
     def close(self) -> None:
         if self._fd is not None:

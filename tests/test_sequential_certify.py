@@ -48,7 +48,7 @@ def test_sequential_radii_are_sound_just_above_every_threshold(family):
         sequential=True, radii=radii)
     violations = 0
     for margin, certificate in zip(margins.tolist(), certificates):
-        assert certificate.bound == "confidence-sequence"
+        assert certificate.bound == "group-sequential"
         assert certificate.samples == 50 + certificate.n <= 50 + 20_000
         if certificate.label == ABSTAIN:
             continue
@@ -115,7 +115,7 @@ def test_cli_sequential_rows_equal_the_engine_and_resume(files, tmp_path, method
     table = read_results(out)
     settings = read_sidecar(out).settings
     assert settings["sequential"] is True and settings["radii"] == [0.1, 0.2, 0.3]
-    assert set(table.columns["bound"]) == {"confidence-sequence"}
+    assert set(table.columns["bound"]) == {"group-sequential"}
     assert (table.columns["samples"] < 50 + 4000).any()
     config = CertifyConfig(sigma=0.25, n0=50, n=4000, batch=1000, sequential=True,
                            radii=(0.1, 0.2, 0.3), method=method,

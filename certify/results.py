@@ -18,7 +18,8 @@ Then ours:
 - ``norm``: ``l2`` or ``l1``; ``method``: ``isotropic``, ``dds`` or ``ancer``.
 - ``sigma``: the noise's standard deviation (the isotropic or starting scale);
   ``half_width``: λ of uniform noise (λ = √3·σ), ``nan`` for Gaussian noise.
-- ``p_lower``: the Clopper-Pearson lower bound p_A.
+- ``p_lower``: the lower bound p_A (Clopper-Pearson, or the grid threshold a sequential run
+  passed: see ``bound``).
 - ``radius``, ``proxy_radius`` (largest l_p ball inside the region), ``volume_radius``
   ((Π a_i)^(1/d)), ``log_volume``: the certified region; ``-inf`` log-volume on abstain.
 - ``n0``, ``n``, ``alpha``: the sample sizes and the failure probability.

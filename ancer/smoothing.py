@@ -31,7 +31,6 @@ runs without TF32 (``ancer.accelerate.strict_fp32``).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,7 +47,7 @@ from ancer.errors import ArgumentError
 from ancer.folding import count_batchnorm, fold_batchnorm
 from ancer.labels import ABSTAIN
 from ancer.noise import Noise
-from ancer.sequential import SequentialPlan
+from ancer.sequential import PREDICTION_LEVEL, SequentialPlan
 from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
 
 if TYPE_CHECKING:
@@ -148,13 +147,14 @@ def sequential_plan(noise: Noise, budget: int, alpha: float, radii: Sequence[flo
     the p_A each radius needs (``Noise.probability_for_radius``: Φ(r / min θ) or
     1/2 + r / (2 min λ), the same function of p_A for balls, ellipsoids and cross-polytopes,
     and the region certified at a threshold has proxy radius >= r in floating point too).
-    Radii no p_A < 1 reaches are dropped; when none is left, the plan stops as soon as the
+    Radii no p_A < 1 reaches are dropped, and so are radii so small that a prediction
+    (p_A > 1/2) already certifies them; when none is left, the plan stops as soon as the
     input is certified at all."""
     if not radii:
         raise ArgumentError("sequential certification needs radii (e.g. radii=(0.25, 0.5, 0.75)): "
                             "the grid whose certified level decides when an input stops")
     thresholds = sorted({noise.probability_for_radius(r) for r in radii})
-    return SequentialPlan(alpha, budget, tuple(t for t in thresholds if 0.5 < t < 1.0))
+    return SequentialPlan(alpha, budget, tuple(t for t in thresholds if PREDICTION_LEVEL < t < 1.0))
 
 
 class Smoothed:

@@ -3,17 +3,16 @@
     scales (fixed σ | DDRS σ(x) | ANCER θ(x))  →  CERTIFY (fixed n or sequential)  →  memory
 
 - **isotropic**: the fixed σ of the config (Cohen et al. 2019, l2; Yang et al. 2020, l1).
-- **dds**: one data-dependent σ(x) per input (Alfarra et al., "Data Dependent Randomized
-  Smoothing", UAI 2022), found by :func:`ancer.optimize.optimize_isotropic`.
-- **ancer**: per-dimension scales θ(x) (Alfarra et al., "ANCER: Anisotropic Certification via
-  Sample-wise Volume Maximization", TMLR 2022, arXiv 2107.04570), found by
+- **dds**: one data-dependent σ(x) per input (DDRS, Alfarra et al. 2022), found by
+  :func:`ancer.optimize.optimize_isotropic`.
+- **ancer**: per-dimension scales θ(x) (ANCER, Eiras et al. 2022), found by
   :func:`ancer.optimize.optimize_anisotropic`, started at the fixed σ or at DDRS's σ(x).
 
-CERTIFY is :meth:`ancer.smoothing.Smoothed.certify_batch` (Cohen et al. 2019, Alg. 1), with
+CERTIFY is :meth:`ancer.smoothing.Smoothed.certify_batch` (Cohen et al. 2019, §3.2.2), with
 fixed n or sequentially with group-sequential tests of the grid radii's thresholds
 (:mod:`ancer.sequential`).
 When the scales depend on the input, a certificate is sound only as the memory answers it
-(:class:`ancer.memory.Memory`, Alfarra et al. 2022, §3.5): the engine passes each input's own
+(:class:`ancer.memory.Memory`, Alfarra et al. 2022): the engine passes each input's own
 certificate through its memory, in the order the inputs are given, and returns the answer.
 
 Randomness: input ``idx`` draws its CERTIFY noise from ``input_generator(seed, idx)`` and its

@@ -2,9 +2,9 @@
 
 When the noise scale θ(x) is chosen per input (DDRS, ANCER), the classifier that is certified
 at x, g_θ(x), changes with x: two certified regions of different classes may overlap, and
-then no single classifier agrees with both. Alfarra, Bibi, Torr & Ghanem, "Data Dependent
-Randomized Smoothing" (UAI 2022, §3.5) restore soundness with a memory, and ANCER (Alfarra et
-al. 2022, arXiv 2107.04570) uses it for anisotropic regions. Inputs are certified in a fixed
+then no single classifier agrees with both. DDRS (Alfarra et al. 2022; see docs/design.md,
+References) restores soundness with a memory, and ANCER (Eiras et al. 2022) uses it for
+anisotropic regions. Inputs are certified in a fixed
 order; the memory keeps (x_i, region_i, class_i) for every input answered with a region, and
 defines the classifier G that is actually certified:
 

@@ -1,6 +1,6 @@
 """Sequential CERTIFY: group-sequential tests of p_A against the radii's thresholds.
 
-Fixed-n CERTIFY (Cohen, Rosenfeld & Kolter 2019) draws n estimation samples for every input and
+Fixed-n CERTIFY (Cohen et al. 2019) draws n estimation samples for every input and
 reports the one-sided Clopper-Pearson lower bound on p_A. Most inputs are decided long before n:
 an input with p_A = 1 passes the top radius of a grid after a few thousand draws, and one with
 p_A < 1/2 abstains after a few hundred. Stopping as soon as the certified grid level is decided
@@ -13,22 +13,20 @@ at all), level k is the claim p_A > t_k. The hypotheses H_k: p_A <= t_k are nest
 implies H_{k+1} true), so testing them in order, each at the full level alpha, and claiming the
 highest k whose test and all lower ones rejected, is wrong with probability at most alpha: a
 wrong claim means that the test of the first true hypothesis rejected (fixed-sequence testing
-of nested hypotheses; Maurer, Hothorn & Lehmacher 1995). No union bound over the grid is paid.
+of nested hypotheses; Maurer et al. 1995). No union bound over the grid is paid.
 
 Group-sequential test of H: p <= t. Estimation draws arrive in rounds whose cumulative sizes
 n_1 < ... < n_J = n (the looks) are fixed in advance by the budget n, ``first_round`` and
 ``growth``, never by the data. After look j the test rejects if the successes S_j reach the
 boundary c_j(t). The boundaries spend alpha along the looks with the error-spending function
-alpha (n_j / n)^rho of Lan & DeMets (1983, "Discrete sequential boundaries for clinical
-trials", Biometrika 70) in the power family of Kim & DeMets (1987): c_j is the smallest count
-with P_t(S_1 < c_1, ..., S_{j-1} < c_{j-1}, S_j >= c_j) <= alpha (n_j/n)^rho minus what earlier
-looks spent, computed exactly by recursion over the binomial law of S_j on the paths not yet
-stopped (Jennison & Turnbull 2000, "Group Sequential Methods with Applications to Clinical
-Trials", ch. 12, exact calculations for binary data). Since the rejection probability of each
-look grows with p, P_p(reject) <= alpha for every p <= t. Stopping earlier than n_J, for any
-reason, only removes chances to reject, so the test keeps its level whatever the stopping rule
-(futility stops are "non-binding"); a rejection at any look is final, so the level reached is
-the highest the input has passed at any look.
+alpha (n_j / n)^rho of Lan & DeMets 1983, in the power family of Kim & DeMets 1987: c_j is the
+smallest count with P_t(S_1 < c_1, ..., S_{j-1} < c_{j-1}, S_j >= c_j) <= alpha (n_j/n)^rho
+minus what earlier looks spent, computed exactly by recursion over the binomial law of S_j on
+the paths not yet stopped (exact calculations for binary data; Jennison & Turnbull 2000). Since
+the rejection probability of each look grows with p, P_p(reject) <= alpha for every p <= t.
+Stopping earlier than n_J, for any reason, only removes chances to reject, so the test keeps
+its level whatever the stopping rule (futility stops are "non-binding"); a rejection at any
+look is final, so the level reached is the highest the input has passed at any look.
 
 The power rho = 1/2 spends alpha early enough that an input with p_A = 1 passes Φ(3) (radius
 3σ) at alpha = 0.001 after 6,185 draws (5,114 for a fixed-n Clopper-Pearson test that knew
@@ -49,11 +47,10 @@ beta-binomial law of the remaining draws) that S_n reaches that level's final bo
 ``futility``. Futility only decides when to stop drawing, never what is claimed, so it moves
 cost and certified accuracy but not soundness.
 
-Voracek (2024, "Treatment of Statistical Estimation Problems in Randomized Smoothing") and
-Cullen, Montague & Rubinstein (2026, "Halt Fast! Early Stopping for Certified Robustness") study
-sequential estimation for randomized smoothing in the same spirit, with confidence sequences
-and e-processes, which are valid at arbitrary (also data-dependent) look times; fixed looks
-allow the exact binomial boundaries above, which are sharper.
+Voráček 2024 and Cullen et al. 2026 (see docs/design.md, References) study sequential
+estimation for randomized smoothing in the same spirit, with confidence sequences and
+e-processes, which are valid at arbitrary (also data-dependent) look times; fixed looks allow
+the exact binomial boundaries above, which are sharper.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Certify a classifier's robustness by randomized smoothing over a test "
                     "set, one TSV row per input (Cohen et al. 2019; Yang et al. 2020; ANCER, "
-                    "Alfarra et al. 2022). Rerunning the same command resumes the run.",
+                    "Eiras et al. 2022). Rerunning the same command resumes the run.",
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
                "'certify merge --out RESULTS.tsv' (join shard files), "
                "'certify train ...' (train a base classifier). "

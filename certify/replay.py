@@ -2,8 +2,8 @@
 the merge of a sharded run.
 
 With scales that depend on the input (``dds``, ``ancer``), a certificate is sound only as
-the memory answers it (Alfarra et al., "Data dependent randomized smoothing",
-UAI 2022, §3.5): every input is checked against the regions of all earlier ones, in one
+the memory answers it (DDRS, Alfarra et al. 2022): every input is checked against the
+regions of all earlier ones, in one
 ordered pass (:class:`ancer.memory.Memory`). Shards certify disjoint inputs concurrently,
 so none of them can make that pass. Each shard therefore writes its inputs' own
 certificates untouched (memory column ``raw``), and the merge makes the pass afterwards:

@@ -2,8 +2,8 @@
 
 This module is the one place that defines the schema and reads or writes it.
 
-Columns, in order (see docs/design.md). The first six are Cohen et al.'s (2019,
-locuslab/smoothing `code/certify.py`), so their analysis scripts read our files:
+Columns, in order (see docs/design.md). The first six are those of Cohen et al.
+2019 (locuslab/smoothing `code/certify.py`), so their analysis scripts read our files:
 
     idx label predict radius correct time
 
@@ -33,7 +33,7 @@ omit them; read as ``-`` and -1):
 
     memory count_label samples bound
 
-- ``memory``: what memory-based certification (``dds``, ``ancer``; Alfarra et al., UAI 2022, §3.5) did to the
+- ``memory``: what memory-based certification (``dds``, ``ancer``; Alfarra et al. 2022) did to the
   input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
   ``override:<idx>`` (decided by the earlier certificate of input ``idx``) or ``abstain``;
   ``raw`` for a shard's row, the input's own certificate before the memory (not sound on its

@@ -1,4 +1,4 @@
-"""Memory-based certification (DDRS §3.5): exact separation tests and the memory's rules.
+"""Memory-based certification (Alfarra et al. 2022): exact separation tests and the memory's rules.
 
 The exact tests are checked against independent solvers (SLSQP on min_z max(q_1, q_2) for
 ellipsoids, HiGHS ``linprog`` for cross-polytopes), against the analytic separating distance

@@ -46,8 +46,8 @@ from ancer.optimize import optimize_anisotropic, optimize_isotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Certificate, Smoothed
 from ancer.stats import check_alpha
-from ancer.vocabulary import (ANISOTROPIC_METHODS, COMPILE_CHOICES, MEMORY_METHODS, METHODS, NORMS,
-                              OUTPUTS, PRECISIONS, THETA0, default_radii)
+from ancer.vocabulary import (COMPILE_CHOICES, METHODS, NORMS, OUTPUTS, PRECISIONS, THETA0,
+                              is_anisotropic, uses_memory)
 
 #: the optimizers' defaults (the authors'): iterations, learning rate, samples per step, κ
 OPTIMIZER_DEFAULTS = {
@@ -193,7 +193,12 @@ class CertifyConfig:
     @property
     def uses_memory(self) -> bool:
         """Whether the scales depend on the input (dds, ancer), so the memory must answer."""
-        return self.method in MEMORY_METHODS
+        return uses_memory(self.method)
+
+    @property
+    def anisotropic(self) -> bool:
+        """Whether the scales are per dimension (ancer), so that regions are anisotropic."""
+        return is_anisotropic(self.method)
 
     def optimizer(self, method: str) -> dict:
         """The options of ``method``'s optimizer ("dds" or "ancer"): the config's where

@@ -33,6 +33,17 @@ BOUNDS = (CLOPPER_PEARSON, GROUP_SEQUENTIAL)
 KEPT, SHRUNK, OVERRIDDEN, ABSTAINED = "kept", "shrunk", "overridden", "abstained"
 MEMORY_ACTIONS = (KEPT, SHRUNK, OVERRIDDEN, ABSTAINED)
 
+def uses_memory(method: str) -> bool:
+    """Whether ``method``'s scales depend on the input, so that only the memory's answers
+    are sound (dds, ancer)."""
+    return method in MEMORY_METHODS
+
+
+def is_anisotropic(method: str) -> bool:
+    """Whether ``method`` certifies with per-dimension scales (ancer)."""
+    return method in ANISOTROPIC_METHODS
+
+
 #: the default grid of sequential certification, in multiples of σ
 DEFAULT_RADII_IN_SIGMAS = (1, 2, 3)
 

@@ -36,6 +36,7 @@ import torch
 
 from ancer.errors import ArgumentError, ResultsError
 from ancer.memory import Memory
+from ancer.vocabulary import default_radii
 from certify import distributed, merge
 from certify.lock import RunLock
 from certify.prepare import Job, RunSpec, prepare
@@ -43,7 +44,7 @@ from certify.progress import Progress
 from certify.replay import memory_path
 from certify.results import (Row, ResultsWriter, add_sidecar_info, base_name, done_indices,
                              open_results, read_results, read_sidecar, shard_path)
-from certify.rows import check_recomputed, make_row, memory_text
+from certify.rows import check_recomputed, make_row
 from certify.scales import ScalesWriter, open_scales
 
 __all__ = ["Interrupted", "Job", "RunSpec", "certify_inputs", "prepare", "run"]
@@ -82,7 +83,7 @@ def run(spec: RunSpec, fields: dict[str, Any], notify: Any = print) -> Path:
         certify_inputs(job, path, shard, position=launch.local_rank, notify=notify)
         distributed.barrier(launch)
         if launch.distributed and launch.is_main:
-            _merge_shards(out, launch.world_size)
+            _merge_shards(out)
     return out if shard is None or launch.distributed else path
 
 
@@ -95,7 +96,7 @@ def _check_merge_target(out: Path) -> None:
                                "pass a new --out")
 
 
-def _merge_shards(out: Path, count: int) -> None:
+def _merge_shards(out: Path) -> None:
     """Rank 0: merge the shards into ``out``, replacing an earlier merge of them."""
     out.unlink(missing_ok=True)
     merge.merge_results(merge.find_shards(out), out)
@@ -132,7 +133,7 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
         memory, memory_file = _open_memory(job, path, written, shard)
         unanswered = _unanswered_rows(path, writer, memory)
         scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
-                  if job.config.method == "ancer" else None)
+                  if job.config.anisotropic else None)
         finished = set(memory.processed) if memory is not None else writer.done
         todo = [g for g in groups if not all(job.dataset.indices[p] in finished for p in g)]
         if memory is not None:  # inputs the memory answered stay answered (a grown --max)
@@ -140,10 +141,10 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
         per_input = job.config.n0 + job.config.n
         progress = Progress(len(positions), len(writer.done), per_input,
                             _description(path, shard), job.spec.quiet, position,
-                            hint=_shorter_hint(job), say=notify)
+                            hint=_shorter_hint(job), say=notify, every=job.spec.progress_every)
         try:
             for group in todo:
-                _certify_group(job, group, writer, memory, scales, progress, unanswered, shard)
+                _certify_group(job, group, writer, scales, progress, unanswered, shard)
                 if memory is not None:
                     memory.save(memory_file)
         except KeyboardInterrupt:
@@ -158,24 +159,18 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
 
 def _shorter_hint(job: Job) -> str:
     """What would shorten a long run, in one line."""
-    config = job.config
+    config, noise = job.config, job.certifier.noise
     ideas = []
     if config.n > 10_000:
-        ideas.append(f"--n 10000 (radius limit {_top_radius(job, 10_000):.2f} instead of "
-                     f"{_top_radius(job, config.n):.2f})")
+        ideas.append(f"--n 10000 (radius limit {noise.max_radius(10_000, config.alpha):.2f} "
+                     f"instead of {noise.max_radius(config.n, config.alpha):.2f})")
     if not config.sequential:
-        grid = ",".join(f"{k * config.sigma:g}" for k in (1, 2, 3))
+        grid = ",".join(f"{r:g}" for r in default_radii(config.sigma))
         ideas.append(f"--sequential --radii {grid} (stops each input once its certified "
                      "radius is decided, same guarantee)")
     if job.certifier.device.type == "cpu":
         ideas.append("a GPU (--device cuda)")
     return "to shorten it: " + "; ".join(ideas) if ideas else ""
-
-
-def _top_radius(job: Job, n: int) -> float:
-    """The largest radius fixed-n CERTIFY can give with ``n`` draws: p_A = alpha^(1/n)."""
-    noise = job.certifier.noise
-    return noise.scale * noise.radius_factor(math.exp(math.log(job.config.alpha) / n))
 
 
 def _check_selection(job: Job, path: Path) -> None:
@@ -201,18 +196,18 @@ def _file_order(path: Path, writer: ResultsWriter) -> list[int]:
 
 def _open_memory(job: Job, path: Path, written: Sequence[int],
                  shard: Optional[tuple[int, int]]) -> tuple[Optional[Memory], Path]:
-    """The run's memory (loaded on resume) installed in the engine, or None for a method
+    """The run's memory (loaded on resume), continued by the engine, or None for a method
     that needs none and for a shard (its rows stay raw until the merge replays the memory).
     Its inputs must be the first rows of the results file: it is saved after each group."""
     where = memory_path(path)
     if not job.config.uses_memory or shard is not None:
         return None, where
-    memory = Memory.load(where) if where.exists() else Memory(job.config.norm)
+    memory = Memory.load(where) if where.exists() else job.certifier.memory
     processed = list(memory.processed)
     if memory.norm != job.config.norm or processed != list(written[:len(processed)]):
         raise ResultsError(f"{where} does not match {path} (another run's memory?): move it "
                            "away and pass a new --out, or restore the matching files")
-    job.certifier.memory = memory
+    job.certifier.use_memory(memory)
     return memory, where
 
 
@@ -233,24 +228,22 @@ def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]
 
 
 def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
-                   memory: Optional[Memory], scales: Optional[ScalesWriter],
+                   scales: Optional[ScalesWriter],
                    progress: Progress, unanswered: dict[int, Row],
                    shard: Optional[tuple[int, int]]) -> None:
     """Certify the inputs at dataset positions ``group`` with the engine and write their
     rows, in order; rows already written are checked against their recomputation when the
-    memory did not save them (:func:`_check_recomputed`)."""
-    certifier = job.certifier
+    memory did not save them (:func:`certify.rows.check_recomputed`)."""
     items = [job.dataset[p] for p in group]
     indices = [int(job.dataset.indices[p]) for p in group]
     xs = torch.stack([x for x, _ in items])
     start = time.perf_counter()
-    own = certifier.own_certificates(xs, indices, progress=progress.advance)
+    certificates = job.certifier.certify_batch(xs, indices, progress=progress.advance,
+                                               raw=shard is not None)
     elapsed = (time.perf_counter() - start) / len(group)
-    for (x, label), idx, certificate in zip(items, indices, own):
-        if memory is not None:
-            certificate = certifier.answer(x, certificate, idx)
+    for (_, label), idx, certificate in zip(items, indices, certificates):
         row = make_row(idx, label, certificate, job.config.method, elapsed,
-                       memory_text(job.config, certificate, memory))
+                       job.config.uses_memory)
         if idx in writer.done:  # certified again, with its group, for the memory and the rest
             if idx in unanswered:
                 check_recomputed(writer.path, unanswered[idx], row)

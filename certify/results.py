@@ -81,9 +81,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ancer import atomic
+from ancer.atomic import write_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
+from ancer.vocabulary import CLOPPER_PEARSON, is_anisotropic
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 COLUMNS = COHEN_COLUMNS + (
@@ -92,9 +93,12 @@ COLUMNS = COHEN_COLUMNS + (
     "count_label", "samples", "bound",
 )
 #: trailing columns that files of earlier versions lack, and the value read in their place
-OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1", "samples": "-1",
-                    "bound": "clopper-pearson"}
-ANISOTROPIC_METHODS = frozenset({"ancer"})
+#: memory column of a method without a memory
+NO_MEMORY = "-"
+#: memory column of a shard's row: the input's own certificate, before the memory
+RAW = "raw"
+OPTIONAL_COLUMNS = {"memory": NO_MEMORY, "count_label": "-1", "samples": "-1",
+                    "bound": CLOPPER_PEARSON}
 SIDECAR_FORMAT = "ancer-results/1"
 
 _TIME = re.compile(r"(?:(\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d*)?)")
@@ -147,10 +151,10 @@ class Row:
     count_a: int
     counts_top2: tuple[tuple[int, int], ...]
     precision: str
-    memory: str = "-"
+    memory: str = NO_MEMORY
     count_label: int = -1
     samples: int = -1
-    bound: str = "clopper-pearson"
+    bound: str = CLOPPER_PEARSON
 
     def __post_init__(self) -> None:
         if not self.radius >= 0.0:
@@ -216,7 +220,7 @@ class ResultsTable:
     def anisotropic(self) -> bool:
         """Whether any row was certified with per-dimension (anisotropic) scales."""
         methods = self.columns.get("method")
-        return methods is not None and any(m in ANISOTROPIC_METHODS for m in methods)
+        return methods is not None and any(is_anisotropic(m) for m in methods)
 
 
 def read_results(path: str | os.PathLike) -> ResultsTable:
@@ -308,18 +312,33 @@ def base_name(path: str | os.PathLike) -> Path:
     return path.with_name(path.name[:-4]) if path.name.endswith(".tsv") else path
 
 
+def beside(path: str | os.PathLike, suffix: str) -> Path:
+    """A file kept beside results file ``path``: its base name with ``suffix``, e.g.
+    ``results.tsv`` -> ``results.json`` (the settings sidecar), ``results.memory.pt``,
+    ``results.scales.npy``, ``results.lock``, ``results.shard0of4.tsv``."""
+    base = base_name(path)
+    return base.with_name(base.name + suffix)
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The settings sidecar of a results file: ``results.tsv`` -> ``results.json``."""
-    base = base_name(path)
-    return base.with_name(base.name + ".json")
+    return beside(path, ".json")
 
 
 def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
     """The file of shard ``index`` (0-based) of ``count``: ``results.shard0of4.tsv``."""
     if not 0 <= index < count:
         raise ArgumentError(f"shard {index}/{count}: need 0 <= i < k, e.g. 0/{max(count, 1)}")
-    base = base_name(path)
-    return base.with_name(f"{base.name}.shard{index}of{count}.tsv")
+    return beside(path, f".shard{index}of{count}.tsv")
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` as a results file to write: ResultsError in one line when it names a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ResultsError(f"--out {path} is a folder: give a results file, e.g. "
+                           f"--out {path / 'results.tsv'}")
+    return path
 
 
 @dataclass(frozen=True)
@@ -387,13 +406,6 @@ def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[
                            "to start another run, or the same flags to resume this one")
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write ``content`` (text, as UTF-8, or bytes) to ``path`` through a fsynced temp file in
-    the same folder + os.replace, so readers see either the old file or the whole new one."""
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    atomic.write_atomically(path, lambda handle: handle.write(data))
-
-
 class ResultsWriter:
     """Appends rows to a results file, one ``write`` call per row, flushed and fsynced.
 
@@ -445,7 +457,7 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
     named in ``growable`` (the selection's ``max``) may differ: the sidecar then records the
     new value, and the caller checks that the rows on disk still belong to the run.
     """
-    path = Path(path)
+    path = check_writable(path)
     size = path.stat().st_size if path.exists() else 0
     complete = path.read_bytes().rfind(b"\n") + 1 if size else 0  # bytes up to the last newline
     if not complete:

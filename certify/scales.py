@@ -27,13 +27,13 @@ import numpy as np
 import numpy.lib.format as npy
 
 from ancer.errors import ResultsError
-from certify.results import base_name, write_atomically
+from ancer.atomic import write_atomically
+from certify.results import beside
 
 
 def scales_path(path: str | os.PathLike) -> Path:
     """The scales file of a results file: ``results.tsv`` -> ``results.scales.npy``."""
-    base = base_name(path)
-    return base.with_name(base.name + ".scales.npy")
+    return beside(path, ".scales.npy")
 
 
 def record_dtype(shape: Sequence[int]) -> np.dtype:

@@ -17,7 +17,6 @@ from scipy.stats import binom
 
 from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, load_model
 from ancer.memory import KEPT, Memory
-from certify.replay import outcome_text
 from certify.results import read_results
 from linear_models import Linear, inputs_at_margins
 from cli_helpers import certify, dataset_tensors, make_files
@@ -67,7 +66,7 @@ def test_cli_rows_equal_the_engine_certificates(files, tmp_path, method, norm_na
         if method == "isotropic":
             assert certificate.memory is None and table.columns["memory"][row] == "-"
         else:
-            assert table.columns["memory"][row] == outcome_text(certificate.memory, engine.memory)
+            assert table.columns["memory"][row] == certificate.memory.summary
     assert (table.columns["predict"] != ABSTAIN).any()
 
 

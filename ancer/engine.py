@@ -278,6 +278,12 @@ class Certifier:
         self.outputs = outputs
         self.config = config
         self.noise: Noise = noise_for_norm(config.norm, config.sigma)
+        if config.sequential:
+            top = self.noise.max_radius(config.n, config.alpha, sequential=True)
+            if config.radii[0] > top:
+                raise _fail("radii", f"no radius in {','.join(map(str, config.radii))} can be "
+                            "certified", f"the largest with {{n}}{config.n} at {{alpha}}"
+                            f"{config.alpha:g} is {top:.3f}: give smaller radii or a larger n")
         self.compiled = self._resolve_compile(device, model, planned_samples)
         self.smoothed = Smoothed(model, self.noise, num_classes, precision=config.precision,
                                  device=device, compile=self.compiled,

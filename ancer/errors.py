@@ -25,13 +25,14 @@ class ArgumentError(AncerError, ValueError):
                  template: Optional[str] = None) -> None:
         self.field = field
         self._template = template
-        super().__init__(message if template is None else
-                         self._render(lambda name: f"{owner}.{name}", lambda name: f"{name}="))
+        super().__init__(message if template is None else self._render(
+            lambda name: f"{owner}.{name}" if owner else name, lambda name: f"{name}="))
 
     @classmethod
     def of_field(cls, owner: str, field: str, problem: str, fix: str) -> "ArgumentError":
-        """The error of ``owner``'s ``field``: ``problem`` (plain text) and ``fix``, in which
-        ``{name}`` stands for "give field ``name`` the value that follows" (``name=``)."""
+        """The error of ``owner``'s ``field`` (of a function's argument when ``owner`` is
+        ""): ``problem`` (plain text) and ``fix``, in which ``{name}`` stands for "give field
+        ``name`` the value that follows" (``name=``)."""
         template = "{}: " + problem.replace("{", "{{").replace("}", "}}") + "; " + fix
         return cls("", field=field, owner=owner, template=template)
 

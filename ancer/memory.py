@@ -66,7 +66,7 @@ from ancer.atomic import save_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
 from ancer.noise import Noise
-from ancer.vocabulary import ABSTAINED, KEPT, NORMS, OVERRIDDEN, SHRUNK
+from ancer.vocabulary import ABSTAINED, KEPT, MEMORY_ACTIONS, NORMS, OVERRIDDEN, SHRUNK
 
 #: relative margin of every separation decision, taken on the side of intersection
 MARGIN = 1e-9
@@ -391,6 +391,13 @@ class Memory:
     def report(self) -> Dict[str, int]:
         """The counters and the number of stored regions."""
         return {**self.counts, "stored": len(self)}
+
+    @staticmethod
+    def describe(report: Dict[str, int]) -> str:
+        """A :meth:`report` in one line."""
+        counts = ", ".join(f"{report[name]} {name}" for name in MEMORY_ACTIONS)
+        return (f"memory: {report['inputs']} inputs: {counts} ({report['exact_tests']} exact "
+                f"tests, {report['stored']} regions stored)")
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the memory to ``path`` atomically (a temporary file in the same folder, then

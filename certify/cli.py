@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Sequence
 from ancer.engine import OPTIMIZER_DEFAULTS, CertifyConfig
 from ancer.errors import AncerError, ArgumentError
 from ancer.vocabulary import COMPILE_CHOICES, DEFAULT_RADII_IN_SIGMAS, METHODS, NORMS, PRECISIONS, THETA0
-from certify import demo, distributed, jobs, merge, replay, report, results
+from ancer.memory import Memory
+from certify import demo, distributed, jobs, merge, report, results
 from certify.prepare import GROUP_SAMPLES
 from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _radii, _shard
 
@@ -232,7 +233,7 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged {result.rows} rows from {len(result.inputs)} files into {result.out}"
           + (f" ({result.collapsed} duplicate rows collapsed)" if result.collapsed else ""))
     if result.memory is not None:
-        print(replay.describe(result.memory))
+        print(Memory.describe(result.memory))
     return 0
 
 
@@ -314,7 +315,7 @@ def _print_memory_report(out: Path) -> None:
     """The memory's report of a data-dependent run (kept in its sidecar's info)."""
     sidecar = results.read_sidecar(out)
     if sidecar is not None and "memory" in sidecar.info:
-        print(replay.describe(sidecar.info["memory"]))
+        print(Memory.describe(sidecar.info["memory"]))
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -13,9 +13,8 @@ The per-input protocol (scales, CERTIFY, memory) is the library's engine,
 4. a shard of a data-dependent method writes its inputs' own certificates (memory column
    ``raw``); the merge replays the memory over all inputs in idx order (:mod:`certify.replay`).
 
-Files beside ``--out`` (``results.tsv``): ``results.json`` (settings, compared on resume),
-``results.scales.npy`` (ancer), ``results.memory.pt`` (dds, ancer), ``results.lock`` (held
-while a run writes, so a second run on the same ``--out`` is refused).
+The files beside ``--out`` are described in docs/results.md; ``results.lock`` is held while
+a run writes, so a second run on the same ``--out`` is refused.
 
 Resume: the rows already written are skipped. A group is certified whole again when a kill
 cut it (batched arithmetic may round differently in other company), which brings the memory

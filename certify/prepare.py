@@ -23,6 +23,7 @@ import torch
 
 import ancer
 from ancer.data import ImageDataset, load_dataset
+from ancer.devices import device_name, resolve_device
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
 from ancer.models import LoadedModel, load_model
@@ -76,25 +77,6 @@ class Job:
         return self.settings["inputs_per_batch"]
 
 
-def resolve_device(requested: Optional[str], launch: Launch) -> torch.device:
-    """``--device`` (default cuda if available, else cpu); under torchrun plain ``cuda``
-    means this rank's GPU, cuda:LOCAL_RANK."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ArgumentError(f"--device {requested}: this machine has no CUDA GPU (or this "
-                                "PyTorch build lacks CUDA); use --device cpu")
-        if requested == "cuda":
-            requested = f"cuda:{launch.local_rank}"
-        if torch.device(requested).index >= torch.cuda.device_count():
-            raise ArgumentError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) "
-                                "here; give cuda:0 ... or cuda")
-        # the current device too, so that nothing (streams, contexts) lands on cuda:0
-        torch.cuda.set_device(torch.device(requested))
-    return torch.device(requested)
-
-
 def _data_source(spec: RunSpec, loaded: LoadedModel, notes: list[str]) -> tuple[str, str]:
     """(dataset kind, path): ``--data``/``--dataset``, or without ``--data`` the shipped
     CIFAR-10 test images for a CIFAR-10 model."""
@@ -145,7 +127,7 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     when it records its training noise level (and a note says so), and sequential radii
     default to σ, 2σ, 3σ (p_A of Φ(1), Φ(2), Φ(3) for l2)."""
     notes: list[str] = []
-    device = resolve_device(spec.device, launch)
+    device = resolve_device(spec.device, launch.local_rank)
     loaded = load_model(spec.model, map_location=device)
     config = CertifyConfig(**_with_defaults(fields, loaded, spec.model, notes))
     kind, data = _data_source(spec, loaded, notes)
@@ -157,8 +139,6 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     _check_classes(kind, data, dataset, loaded, spec.any_classes)
     planned = len(dataset) * (config.n0 + config.n)
     certifier = Certifier(loaded, config, device=device, planned_samples=planned)
-    if config.sequential:
-        check_reachable(certifier)
     settings = {
         "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
         "data": str(Path(data).resolve()), **extra, **certifier.settings(),
@@ -168,7 +148,7 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     info = {
         "versions": {"ancer": ancer.__version__, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
-        "command": sys.argv, "device": _device_name(device), "host": socket.gethostname(),
+        "command": sys.argv, "device": device_name(device), "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rank": launch.rank,
         "world_size": launch.world_size,
         # how the forward pass was run: results agree at float rounding, so not a setting
@@ -221,22 +201,6 @@ def _check_classes(kind: str, data: str, dataset: ImageDataset, loaded: LoadedMo
         raise ArgumentError(f"--model outputs {loaded.num_classes} classes but --data "
                             f"{data}: {known}; give the data the model was trained for, or "
                             "--any-classes if its labels are the model's class indices")
-
-
-def check_reachable(certifier: Certifier) -> None:
-    """Refuse sequential radii of which none can be certified within n draws."""
-    config = certifier.config
-    top = certifier.noise.max_radius(config.n, config.alpha, sequential=True)
-    if config.radii[0] > top:
-        raise ArgumentError(f"--radii: no radius in {','.join(map(str, config.radii))} can be "
-                            f"certified with --n {config.n} at --alpha {config.alpha:g} (the "
-                            f"largest is {top:.3f}): give smaller radii or a larger --n")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from ancer.data import ImageDataset, load_dataset
 from ancer.errors import DatasetError, ResultsError
 from ancer.memory import Memory, MemoryOutcome, OwnCertificate, replay as replay_memory
 from ancer.noise import noise_for_norm
-from ancer.vocabulary import MEMORY_ACTIONS
 from certify.results import RAW, ResultsTable, Row, beside
 
 
@@ -44,13 +43,6 @@ def answered(row: Row, outcome: MemoryOutcome) -> Row:
         row, predict=int(outcome.label), radius=float(outcome.radius),
         proxy_radius=float(outcome.proxy_radius), volume_radius=float(outcome.volume_radius),
         log_volume=float(outcome.log_volume), memory=outcome.summary)
-
-
-def describe(report: Mapping[str, int]) -> str:
-    """A memory report (:meth:`Memory.report`) in one line."""
-    counts = ", ".join(f"{report[name]} {name}" for name in MEMORY_ACTIONS)
-    return (f"memory: {report['inputs']} inputs: {counts} ({report['exact_tests']} exact "
-            f"tests, {report['stored']} regions stored)")
 
 
 def holds_raw_rows(tables: Sequence[ResultsTable]) -> bool:

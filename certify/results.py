@@ -1,73 +1,18 @@
 """The results file: one TSV row per certified input, and its JSON settings sidecar.
 
-This module is the one place that defines the schema and reads or writes it.
-
-Columns, in order (see docs/design.md). The first six are Cohen et al.'s (2019,
-locuslab/smoothing `code/certify.py`), so their analysis scripts read our files:
-
-    idx label predict radius correct time
-
-- ``predict`` is the smoothed classifier's class, -1 when it abstains (``radius`` is then 0.0);
-  ``correct`` is 1 iff ``predict == label``; ``time`` is seconds, as a float.
-
-Then ours:
-
-    norm method sigma half_width p_lower proxy_radius volume_radius log_volume
-    n0 n alpha count_a counts_top2 precision
-
-- ``norm``: ``l2`` or ``l1``; ``method``: ``isotropic``, ``dds`` or ``ancer``.
-- ``sigma``: the noise's standard deviation (the isotropic or starting scale);
-  ``half_width``: λ of uniform noise (λ = √3·σ), ``nan`` for Gaussian noise.
-- ``p_lower``: the lower bound p_A (Clopper-Pearson, or the grid threshold a sequential run
-  passed: see ``bound``).
-- ``radius``, ``proxy_radius`` (largest l_p ball inside the region), ``volume_radius``
-  ((Π a_i)^(1/d)), ``log_volume``: the certified region; ``-inf`` log-volume on abstain.
-- ``n0``, ``n``, ``alpha``: the sample sizes and the failure probability.
-- ``count_a``: votes for the predicted class among the n samples (with ``n`` this lets a
-  radius be recomputed for another alpha without sampling again);
-  ``counts_top2``: the two classes with most votes among the n samples, as ``c:k,c:k``.
-- ``precision``: the precision the base classifier was evaluated in (``fp32``, ``bf16``...).
-
-Then, last and optional (files of earlier versions lack them, and a hand-written row may
-omit them; read as ``-`` and -1):
-
-    memory count_label samples bound
-
-- ``memory``: what memory-based certification (``dds``, ``ancer``; Alfarra et al., UAI 2022, §3.5) did to the
-  input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
-  ``override:<idx>`` (decided by the earlier certificate of input ``idx``) or ``abstain``;
-  ``raw`` for a shard's row, the input's own certificate before the memory (not sound on its
-  own: ``certify merge`` replays the memory over it); ``-`` for methods without a memory.
-- ``count_label``: votes for the true label among the n samples, so that count_label / n is
-  the base classifier's accuracy under noise on that input (-1: not recorded).
-- ``samples``: the forward passes of the base classifier spent on that input by CERTIFY,
-  selection (n0) and estimation together; a sequential run stops early, so it can be far
-  below n0 + n (-1: not recorded).
-- ``bound``: how ``p_lower`` was computed: ``clopper-pearson`` (fixed-n CERTIFY: the
-  one-sided Clopper-Pearson bound from ``count_a`` of ``n``, recomputable at another alpha)
-  or ``group-sequential`` (sequential CERTIFY: the threshold of the highest grid level that
-  group-sequential tests at level alpha passed, so ``radius`` is that level's grid radius;
-  ``n`` is then the estimation draws actually made, chosen by looking at the draws, and a
-  Clopper-Pearson bound recomputed from ``count_a`` of ``n`` would NOT be valid, since it
-  ignores the stopping).
-
-``p_lower``, ``count_a``, ``counts_top2`` and ``n`` always describe the input's own CERTIFY,
-before memory-based certification. For a row that the memory shrank, overrode or abstained
-(``memory`` other than ``kept``, ``-`` or ``raw``), the certified region is the one in
-``radius``/``proxy_radius``/``volume_radius``/``log_volume``, smaller than ``p_lower`` gives:
-never recompute a radius from ``p_lower`` or ``count_a`` for such a row.
+This module is the one place that defines the schema and reads or writes it; every column is
+explained in docs/results.md. The first six columns are Cohen et al.'s (2019,
+locuslab/smoothing ``code/certify.py``), so their analysis scripts read our files, and files
+of theirs are read as they are (radii rounded to 3 digits, time as ``H:MM:SS.ffffff``); ours
+follow (``COLUMNS``), the last ones optional (``OPTIONAL_COLUMNS``: files of earlier versions
+lack them). ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own
+CERTIFY, before the memory; the region columns describe the answered region.
 
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
 written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
 killed at any moment (kill -9) leaves at most a partial last line, which the reader drops
-and reports and the writer truncates before appending.
-
-Reading also accepts Cohen et al.'s own files as they are: only the six first columns,
-radii rounded to 3 significant digits, time in seconds or as ``H:MM:SS.ffffff``.
-
-The sidecar ``<base>.json`` (``results.tsv`` -> ``results.json``) holds ``settings``, the
-run's settings that determine its rows (compared on resume and merge), and ``info``,
-recorded but not compared (versions, command line, host, start time).
+and reports and the writer truncates before appending. The sidecar ``<base>.json`` holds
+``settings`` (compared on resume and merge) and ``info`` (recorded, not compared).
 """
 
 from __future__ import annotations

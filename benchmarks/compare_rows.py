@@ -6,6 +6,8 @@ they write, all columns but ``time``, and the ancer scales files byte for byte:
 
 - the tiny model and data of ``tests/cli_helpers.py`` (3×8×8 images, 24 inputs): isotropic
   l2 and l1, sequential, dds and ancer, each whole and as two shards plus ``certify merge``;
+- its energy model (12 close inputs whose data-dependent regions overlap, so that the memory
+  shrinks and overrides): dds and ancer, l2 and l1, whole and sharded;
 - the shipped CIFAR-10 ResNet-20 and test images (``certify/assets``), a few inputs at
   small n: isotropic, dds, ancer.
 
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,16 @@ TINY_RUNS = [
     ("dds-l1", ["--sigma", "0.25", "--norm", "l1", "--method", "dds", *OPTIMIZER]),
     ("ancer", ["--sigma", "0.25", "--method", "ancer", *OPTIMIZER]),
     ("ancer-l1", ["--sigma", "0.25", "--norm", "l1", "--method", "ancer", *OPTIMIZER]),
+]
+ENERGY = ["--sigma", "0.25", "--n0", "50", "--n", "200", "--batch", "200",
+          "--inputs-per-batch", "3", "--quiet"]
+ENERGY_RUNS = [
+    ("energy-dds", ["--method", "dds", "--opt-iterations", "10", "--opt-samples", "16",
+                    "--opt-lr", "0.001"]),
+    ("energy-dds-l1", ["--norm", "l1", "--method", "dds", "--opt-iterations", "10",
+                       "--opt-samples", "16", "--opt-lr", "0.001"]),
+    ("energy-ancer", ["--method", "ancer", *OPTIMIZER]),
+    ("energy-ancer-l1", ["--norm", "l1", "--method", "ancer", *OPTIMIZER]),
 ]
 SHIPPED = ["--n0", "20", "--n", "200", "--batch", "220", "--max", "3", "--quiet"]
 SHIPPED_RUNS = [
@@ -67,10 +80,14 @@ def rows_without_time(path: Path) -> list[list[str]]:
 
 
 def compare(name: str, old: Path, new: Path) -> bool:
-    """Print one line on results file ``name`` of both runs; whether they agree."""
+    """Print one line on results file ``name`` of both runs (with the memory's answers in
+    it); whether they agree."""
     a, b = rows_without_time(old), rows_without_time(new)
     same = a == b
-    detail = f"{len(a) - 1} rows identical"
+    memory = a[0].index("memory")
+    actions = Counter(row[memory].split(":")[0] for row in a[1:] if row[memory] != "-")
+    detail = f"{len(a) - 1} rows identical" + (
+        f" (memory: {', '.join(f'{k} {v}' for k, v in sorted(actions.items()))})" if actions else "")
     if not same:
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         detail = f"DIFFER at line {first + 1}: {a[first] if first < len(a) else None} vs " \
@@ -85,15 +102,20 @@ def compare(name: str, old: Path, new: Path) -> bool:
     return same
 
 
-def run_all(checkout: Path, folder: Path, files: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def run_whole_and_sharded(checkout: Path, folder: Path, files: dict, runs: list) -> None:
     common = ["--model", str(files["model"]), "--data", str(files["data"]), "--dataset", "npz"]
-    for name, flags in TINY_RUNS:
-        certify(checkout, [*common, *TINY, *flags, "--out", str(folder / f"{name}.tsv")])
+    for name, flags in runs:
+        certify(checkout, [*common, *flags, "--out", str(folder / f"{name}.tsv")])
         for shard in ("0/2", "1/2"):
-            certify(checkout, [*common, *TINY, *flags, "--shard", shard,
+            certify(checkout, [*common, *flags, "--shard", shard,
                                "--out", str(folder / f"{name}-sharded.tsv")])
         certify(checkout, ["merge", "--out", str(folder / f"{name}-sharded.tsv")])
+
+
+def run_all(checkout: Path, folder: Path, files: dict, energy: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    run_whole_and_sharded(checkout, folder, files, [(n, [*TINY, *f]) for n, f in TINY_RUNS])
+    run_whole_and_sharded(checkout, folder, energy, [(n, [*ENERGY, *f]) for n, f in ENERGY_RUNS])
     assets = checkout / "certify" / "assets"
     shipped = ["--model", str(assets / "cifar10_resnet20_sigma0.25.pth.tar"),
                "--data", str(assets / "cifar10_test_sample.npz"), "--device", "cpu"]
@@ -107,13 +129,13 @@ def main() -> int:
     parser.add_argument("--new", type=Path, default=Path("."), help="checkout of the new code")
     args = parser.parse_args()
     sys.path.insert(0, str(args.new.resolve()))
-    from tests.cli_helpers import make_files  # the tiny model and data of the tests
+    from tests.cli_helpers import make_energy_files, make_files  # the tests' models and data
 
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
-        files = make_files(root)
+        files, energy = make_files(root), make_energy_files(root)
         for side, checkout in (("old", args.old), ("new", args.new)):
-            run_all(checkout.resolve(), root / side, files)
+            run_all(checkout.resolve(), root / side, files, energy)
         names = sorted(p.name for p in (root / "old").glob("*.tsv"))
         print(f"old: {args.old}  new: {args.new}")
         results = [compare(name, root / "old" / name, root / "new" / name) for name in names]

@@ -31,7 +31,7 @@ PROG = "certify"
 #: the defaults of a run: the engine's config's
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(CertifyConfig)
             if f.default is not dataclasses.MISSING}
-#: the config fields that are not flags of their own (--radii sets them with --sequential)
+#: the engine's config fields, each the ``dest`` of its flag
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CertifyConfig))
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -253,7 +253,7 @@ def _warn_dropped(dropped: Iterable[tuple[Path, str]]) -> None:
 
 def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
     """The parsed flags of a run as the job's files and selection, and the engine's config
-    fields, each flag's ``dest`` being its field (``sigma`` None when not given: the job
+    fields: each flag's ``dest`` is its field's name (``sigma`` None when not given: the job
     takes the checkpoint's)."""
     if args.model is None:
         raise ArgumentError("give the base classifier with --model CKPT "
@@ -261,11 +261,7 @@ def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
     if args.radii is not None and not args.sequential:
         raise ArgumentError("--radii steers --sequential certification: add --sequential, "
                             "or drop --radii")
-    spec = jobs.RunSpec(
-        model=args.model, out=Path(args.out), data=args.data, dataset=args.dataset,
-        synsets=args.synsets, skip=args.skip, max=args.max, device=args.device,
-        inputs_per_batch=args.inputs_per_batch, shard=args.shard, quiet=args.quiet,
-        progress_every=args.progress_every, any_classes=args.any_classes)
+    spec = jobs.RunSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(jobs.RunSpec)})
     return spec, {name: getattr(args, name) for name in CONFIG_FIELDS}
 
 

@@ -1,27 +1,19 @@
 """A certification run over a dataset: resumable, sharded, locked, one TSV row per input.
 
 The per-input protocol (scales, CERTIFY, memory) is the library's engine,
-:class:`ancer.engine.Certifier`; this module only drives it over a dataset:
-
-1. load the model and the dataset and build the engine (:mod:`certify.prepare`);
-2. cut the selection into groups of ``inputs_per_batch`` consecutive inputs, and take this
-   process's share of the groups (``--shard I/K`` or the torchrun rank: the groups whose
-   number is I mod K);
-3. certify each group's inputs together (their noise samples share forward batches), and
-   write each input's row as soon as its group is done (flushed and fsynced), its
-   anisotropic scales first (:mod:`certify.scales`); save the memory after each group;
-4. a shard of a data-dependent method writes its inputs' own certificates (memory column
-   ``raw``); the merge replays the memory over all inputs in idx order (:mod:`certify.replay`).
-
-The files beside ``--out`` are described in docs/results.md; ``results.lock`` is held while
-a run writes, so a second run on the same ``--out`` is refused.
+:class:`ancer.engine.Certifier`; this module drives it over a dataset (docs/results.md,
+sections 6 and 7): it cuts the selection into groups of ``inputs_per_batch`` consecutive
+inputs, takes this process's share (``--shard I/K`` or the torchrun rank: the groups whose
+number is I mod K), certifies each group's inputs together, and writes each input's row as
+soon as its group is done (its scales first), saving the memory after each group; a shard
+of a data-dependent method writes raw rows, which the merge answers (:mod:`certify.replay`).
+``results.lock`` is held while a run writes, so a second run on the same ``--out`` is refused.
 
 Resume: the rows already written are skipped. A group is certified whole again when a kill
 cut it (batched arithmetic may round differently in other company), which brings the memory
 up to date and writes only the missing rows, so a resumed run's rows equal an uninterrupted
-run's. A row written before the kill whose memory answer was not saved is checked to equal
-its recomputation (all columns but ``time``). ``--max`` may grow between runs (all other
-settings equal): the new inputs are certified after the old ones.
+run's; a row written before the kill whose memory answer was not saved is checked to equal
+its recomputation. ``--max`` may grow between runs: the new inputs come after the old ones.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
-"""Merging results files (the shards of one run) into one file ordered by idx.
+"""Merging results files (the shards of one run) into one file ordered by idx, each idx once
+(docs/results.md, section 7).
 
-Each idx appears once in the merged file. Rows of one idx found in several files must
-agree on every column except ``time`` (a measurement, not a result): such duplicates
-collapse to the first; any other difference is an error. The files' headers and sidecar
-settings must agree. The merged file and its sidecar are written atomically.
-
-Shards of a data-dependent run (``dds``, ``ancer``) hold raw rows, their inputs' own
-certificates: the merge answers them through one memory pass over all the run's inputs in
-idx order (:mod:`certify.replay`), and writes beside the merged file the memory and, for
-ancer, the scales file in idx order, each atomically and before the results file, which
-so appears only once they are complete.
+Rows of one idx found in several files must agree on every column except ``time``; such
+duplicates collapse to the first. The files' headers and sidecar settings must agree. Raw
+rows of a data-dependent run are answered by the memory (:mod:`certify.replay`), whose file
+and (ancer) the scales file in idx order are written beside the merged file, each atomically
+and before the results file, which so appears only once they are complete.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class RunSpec:
     selection draws; ``shard`` is (i, k) or None."""
 
     model: str
-    out: Path
+    out: str
     data: Optional[str] = None
     dataset: Optional[str] = None
     synsets: Optional[str] = None

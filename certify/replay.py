@@ -1,17 +1,13 @@
 """The merge of a sharded data-dependent run (``dds``, ``ancer``): its raw rows answered by
-the memory.
+the memory (docs/results.md, section 7).
 
-With scales that depend on the input, a certificate is sound only as the memory answers it
-(Alfarra et al., "Data dependent randomized smoothing", UAI 2022, §3.5), in one ordered
-pass over all inputs. Shards certify disjoint inputs concurrently, so none of them can make
-that pass: each writes its inputs' own certificates untouched (memory column ``raw``), and
-the merge makes the pass afterwards with :func:`ancer.memory.replay`, in idx order. A raw
-row holds what the memory needs of a certificate, bit for bit: the class (``predict``), the
-lower bound ``p_lower`` at full precision, and the input's scales, the per-input σ of the
-row (dds; a float32 value written with ``repr``) or its per-dimension θ from the scales file
-(ancer; float32, as optimized); the input itself is re-read from the dataset. The merged
-rows so equal those of a single-process run of the same inputs in the same order (all
-columns but ``time``), and the saved memory and scales file continue it on resume.
+A certificate with input-dependent scales is sound only as the memory answers it, in one
+pass over all inputs in order, which no shard sees: shards write their inputs' own
+certificates (memory column ``raw``) and the merge makes the pass with
+:func:`ancer.memory.replay`, in idx order. A raw row holds what it needs bit for bit: the
+class, ``p_lower`` at full precision, the per-input σ (dds, a float32 written with ``repr``)
+or θ in the scales file (ancer); the input is re-read from the dataset. So the merged rows
+equal a single-process run's (all columns but ``time``).
 """
 
 from __future__ import annotations

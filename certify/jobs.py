@@ -103,7 +103,11 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
     floating-point arithmetic may round differently in another company, so this keeps every
     row that of an uninterrupted single-process run. A shard of a data-dependent method runs
     no memory: it sees only its own inputs, so its rows are raw, answered at the merge.
-    Ctrl-C raises :class:`Interrupted` once the rows written so far are safe."""
+    Ctrl-C raises :class:`Interrupted` once the rows written so far are safe. Without
+    ``--inputs-per-batch``, a run begun with another default group size goes on with it."""
+    recorded = read_sidecar(path) if path.is_file() and job.spec.inputs_per_batch is None else None
+    if recorded is not None and "inputs_per_batch" in recorded.settings:
+        job.settings["inputs_per_batch"] = recorded.settings["inputs_per_batch"]
     groups = [g for number, g in enumerate(_groups(range(len(job.dataset)), job.group_size))
               if shard is None or number % shard[1] == shard[0]]
     positions = [p for group in groups for p in group]

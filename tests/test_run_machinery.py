@@ -155,3 +155,13 @@ def test_config_errors_name_the_flag_as_spelled(files, tmp_path, capsys, flags, 
             "--quiet", "--out", str(tmp_path / "r.tsv")]
     assert certify(*args, *flags) == 2
     assert _one_error_line(capsys) == expected
+
+
+def test_a_run_begun_with_another_default_group_size_resumes_with_it(files, tmp_path):
+    out = tmp_path / "r.tsv"
+    args = ["--model", str(files["model"]), "--data", str(files["data"]), "--sigma", "0.25",
+            "--n0", "20", "--n", "100", "--batch", "200", "--quiet", "--out", str(out)]
+    assert certify(*args, "--max", "4", "--inputs-per-batch", "3") == 0  # an earlier default
+    assert certify(*args, "--max", "8") == 0
+    assert json.loads(sidecar_path(out).read_text())["settings"]["inputs_per_batch"] == 3
+    assert len(read_results(out)) == 8

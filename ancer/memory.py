@@ -66,6 +66,7 @@ from ancer.atomic import save_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
 from ancer.noise import Noise
+from ancer.stats import certifies
 from ancer.vocabulary import ABSTAINED, KEPT, MEMORY_ACTIONS, NORMS, OVERRIDDEN, SHRUNK
 
 #: relative margin of every separation decision, taken on the side of intersection
@@ -459,7 +460,7 @@ class OwnCertificate:
         (None on abstention); ResultsError when it is not the recorded one."""
         if self.label == ABSTAIN:
             return None
-        if not self.p_lower > 0.5:
+        if not certifies(self.p_lower):
             raise ResultsError(f"idx {self.key}: class {self.label} with p_lower "
                                f"{self.p_lower!r} <= 1/2 is not a certificate: the row is "
                                "corrupt; certify it again")

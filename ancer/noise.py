@@ -26,7 +26,7 @@ from scipy.stats import norm as standard_normal
 from ancer.certificates import Region, make_region
 from ancer.errors import ArgumentError
 from ancer.sequential import max_certifiable_probability
-from ancer.stats import check_alpha, check_count
+from ancer.stats import certifies, check_alpha, check_count
 
 Scale = Union[float, torch.Tensor]
 
@@ -151,7 +151,7 @@ class Noise(ABC):
         """The region certified around ``center`` when the top class has probability at
         least ``p_lower`` > 1/2 under this noise: semi-axes scale·R(p_lower), with the very
         scale the noise is sampled with."""
-        if not p_lower > 0.5:
+        if not certifies(p_lower):
             raise ArgumentError(f"a region is certified only for p_lower > 1/2, got {p_lower}")
         factor = self.radius_factor(p_lower)
         if self.isotropic:
@@ -185,7 +185,7 @@ class Noise(ABC):
         else:
             best = math.exp(math.log(check_alpha(alpha)) / check_count("n", n))
         smallest = self._scale if self.isotropic else float(self._scale.min())
-        return smallest * self.radius_factor(best) if best > 0.5 else 0.0
+        return smallest * self.radius_factor(best) if certifies(best) else 0.0
 
     def half_width_of(self, sigma: float) -> Optional[float]:
         """The half-width λ of the uniform distribution with this σ; None for other noises."""

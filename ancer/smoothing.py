@@ -48,7 +48,8 @@ from ancer.folding import count_batchnorm, fold_batchnorm
 from ancer.labels import ABSTAIN
 from ancer.noise import Noise
 from ancer.sequential import PREDICTION_LEVEL, SequentialPlan
-from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
+from ancer.stats import (certifies, check_alpha, check_count, clopper_pearson_lower,
+                         predict_decides)
 from ancer.vocabulary import CLOPPER_PEARSON, GROUP_SEQUENTIAL
 
 if TYPE_CHECKING:
@@ -347,7 +348,7 @@ class Smoothed:
                       for i, c in enumerate(candidates)]
         certificates = []
         for i, (noise, candidate, p_lower) in enumerate(zip(noises, candidates, bounds)):
-            certified = p_lower > 0.5
+            certified = certifies(p_lower)
             certificates.append(Certificate(
                 label=candidate if certified else ABSTAIN,
                 p_lower=p_lower,

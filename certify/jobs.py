@@ -243,7 +243,7 @@ def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
             if idx in unanswered:
                 check_recomputed(writer.path, unanswered[idx], row)
             continue
-        if scales is not None:
+        if certificate.anisotropic:
             scales.append(idx, certificate.noise.sigma.numpy())
         writer.write(row)
         progress.update(row)

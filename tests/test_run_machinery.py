@@ -5,7 +5,6 @@ config flag named as the command line spells it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

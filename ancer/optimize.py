@@ -305,7 +305,7 @@ class _Problem:
         if not isinstance(model, nn.Module):
             raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if norm not in NOISES:
-            raise ArgumentError(f"norm must be 'l2' or 'l1', got {norm!r}")
+            raise ArgumentError(f"norm must be one of {', '.join(map(repr, NOISES))}, got {norm!r}")
         if outputs not in OUTPUTS:
             raise ArgumentError(
                 f"outputs must be one of {OUTPUTS}, got {outputs!r}: say whether the model returns "

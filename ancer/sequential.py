@@ -59,7 +59,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import fftconvolve
 from scipy.stats import betabinom, binom
 
 from ancer.errors import ArgumentError
@@ -68,12 +67,16 @@ from ancer.stats import check_alpha, check_count
 #: t_0: the claim p_A > PREDICTION_LEVEL is a prediction (the float just above 1/2).
 PREDICTION_LEVEL = math.nextafter(0.5, 1.0)
 
-# Relative margin on every look's alpha share: it covers the floating-point error of the FFT
-# convolutions (about 1e-15 of the total mass), so the computed boundaries are conservative.
+# Relative margin on every look's alpha share. Every probability below is a sum of
+# nonnegative terms (binomial masses, their direct convolutions and tail sums), computed to a
+# relative error of about (terms) x 1e-16 whatever its size, so this margin keeps the computed
+# boundaries conservative at any alpha. (An FFT convolution errs by about 1e-16 of the total
+# mass instead, which exceeds this margin once alpha is below about 1e-6.)
 _MARGIN = 1e-9
-# Binomial increments are evaluated within this many standard deviations of their mean; the
-# mass outside is bounded exactly (binom.cdf / binom.sf) and counted as if it rejected.
-_WINDOW_SDS = 40.0
+# Mass neglected at each look, as a fraction of alpha: binomial increments are evaluated where
+# their tails exceed it, and the far left of the law of S_j is dropped up to it; both are
+# bounded exactly and counted as if they rejected, which keeps the boundaries conservative.
+_NEGLIGIBLE = 1e-13
 
 
 def look_times(budget: int, first_round: int, growth: float) -> tuple[int, ...]:
@@ -101,18 +104,18 @@ def rejection_boundaries(
     is the law of S_j on the paths not yet rejected.
     """
     budget = looks[-1]
+    negligible = alpha * _NEGLIGIBLE
     offset, mass = 0, np.ones(1)  # mass[i] = P(S_j = offset + i, not rejected before)
     spent, previous, boundaries = 0.0, 0, []
     for look in looks:
         draws = look - previous
         previous = look
-        sd = math.sqrt(draws * threshold * (1.0 - threshold))
-        low = max(0, math.floor(draws * threshold - _WINDOW_SDS * sd) - 1)
-        high = min(draws, math.ceil(draws * threshold + _WINDOW_SDS * sd) + 1)
+        low = max(0, int(binom.ppf(negligible, draws, threshold)))
+        high = min(draws, int(binom.isf(negligible, draws, threshold)) + 1)
         increment = binom.pmf(np.arange(low, high + 1), draws, threshold)
         outside = float(binom.cdf(low - 1, draws, threshold) + binom.sf(high, draws, threshold))
         spent += outside * float(mass.sum())  # counted as rejected: conservative
-        mass = np.clip(fftconvolve(mass, increment), 0.0, None)
+        mass = np.convolve(mass, increment)  # direct: each entry to a relative rounding error
         offset += low
         allowed = alpha * (look / budget) ** spending_power * (1.0 - _MARGIN) - spent
         tails = np.cumsum(mass[::-1])[::-1]  # tails[i] = P(S_j >= offset + i, not rejected)
@@ -121,11 +124,11 @@ def rejection_boundaries(
         boundaries.append(min(offset + cut, look + 1))
         spent += float(tails[cut]) if cut < len(mass) else 0.0
         mass = mass[:cut]
-        kept = np.flatnonzero(mass > 1e-300)  # drop the far left tail, counted as rejected
-        if len(kept):
-            spent += float(mass[: kept[0]].sum())
-            offset += int(kept[0])
-            mass = mass[kept[0]:]
+        dropped = int(np.searchsorted(np.cumsum(mass), negligible, side="right"))
+        if dropped:  # the far left tail, counted as rejected
+            spent += float(mass[:dropped].sum())
+            offset += dropped
+            mass = mass[dropped:]
     return tuple(boundaries), spent
 
 

@@ -48,7 +48,9 @@ from ancer.folding import count_batchnorm, fold_batchnorm
 from ancer.labels import ABSTAIN
 from ancer.noise import Noise
 from ancer.sequential import PREDICTION_LEVEL, SequentialPlan
-from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
+from ancer.stats import (certifies, check_alpha, check_count, clopper_pearson_lower,
+                         predict_decides)
+from ancer.vocabulary import CLOPPER_PEARSON, GROUP_SEQUENTIAL
 
 if TYPE_CHECKING:
     from ancer.memory import MemoryOutcome
@@ -91,13 +93,25 @@ class Certificate:
     precision: str
     noise: Noise = field(repr=False)
     samples: int
-    bound: str = "clopper-pearson"
+    bound: str = CLOPPER_PEARSON
     memory: Optional["MemoryOutcome"] = None
     start_sigma: Optional[float] = None
 
     @property
     def abstained(self) -> bool:
         return self.label == ABSTAIN
+
+    @property
+    def selected(self) -> int:
+        """The class selected from the n0 selection draws (ĉ_A), whose estimation votes
+        ``p_lower`` bounds; it is ``label`` unless CERTIFY (or the memory) abstained."""
+        return int(np.argmax(self.selection_counts))
+
+    @property
+    def anisotropic(self) -> bool:
+        """Whether the noise has one scale per dimension (ANCER), so that the region is an
+        ellipsoid or a cross-polytope rather than a ball."""
+        return not self.noise.isotropic
 
     @property
     def radius(self) -> float:
@@ -274,12 +288,16 @@ class Smoothed:
         generator: Optional[torch.Generator] = None,
         noise: Optional[Noise] = None,
         progress: Optional[ProgressCallback] = None,
+        sequential: bool = False,
+        radii: Sequence[float] = (),
     ) -> Certificate:
         """CERTIFY (Cohen et al. 2019, §3.2.2) for one input ``x``; ``noise`` overrides the
-        smoothing noise for this input (e.g. per-input scales from an optimizer)."""
+        smoothing noise for this input (e.g. per-input scales from an optimizer);
+        ``sequential`` and ``radii`` as in :meth:`certify_batch`."""
         return self.certify_batch(
             self._one_input(x), n0, n, alpha, batch_size,
             generators=[generator], noises=[noise or self.noise], progress=progress,
+            sequential=sequential, radii=radii,
         )[0]
 
     def certify_batch(
@@ -330,7 +348,7 @@ class Smoothed:
                       for i, c in enumerate(candidates)]
         certificates = []
         for i, (noise, candidate, p_lower) in enumerate(zip(noises, candidates, bounds)):
-            certified = p_lower > 0.5
+            certified = certifies(p_lower)
             certificates.append(Certificate(
                 label=candidate if certified else ABSTAIN,
                 p_lower=p_lower,
@@ -342,7 +360,7 @@ class Smoothed:
                 precision=self.precision,
                 noise=noise,
                 samples=n0 + trials[i],
-                bound="group-sequential" if sequential else "clopper-pearson",
+                bound=GROUP_SEQUENTIAL if sequential else CLOPPER_PEARSON,
             ))
         return certificates
 

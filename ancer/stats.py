@@ -87,3 +87,9 @@ def predict_decides(count_a: int, count_b: int, alpha: float) -> bool:
     p = 1/2 at level alpha; it is then wrong with probability at most alpha (Cohen et al.
     2019, Prop. 1)."""
     return predict_test_pvalue(count_a, count_b) <= check_alpha(alpha)
+
+
+def certifies(p_lower: float) -> bool:
+    """CERTIFY answers its selected class iff the lower bound on its probability exceeds
+    1/2 (Cohen et al. 2019, Algorithm 1): then no other class can have more; else it abstains."""
+    return p_lower > 0.5

@@ -24,7 +24,7 @@ from typing import AbstractSet, Callable, Iterator, List, Optional, Sequence, Tu
 import torch
 
 from ancer.engine import Certifier, CertifyConfig
-from ancer.errors import ResultsError
+from ancer.errors import ArgumentError, ResultsError
 from ancer.memory import Memory, MemoryOutcome, OwnCertificate, replay
 from ancer.noise import noise_for_norm
 from ancer.smoothing import Certificate
@@ -48,6 +48,10 @@ def group_size(config: CertifyConfig) -> int:
 def shard_groups(count: int, size: int, shard: Optional[Shard] = None) -> List[range]:
     """The groups of ``size`` consecutive positions among ``count`` inputs that ``shard``
     ``(i, k)`` takes (number i mod k; all groups without a shard)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ArgumentError(f"the group size must be an integer >= 1, got {size!r}")
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise ArgumentError(f"a shard is (i, k) with 0 <= i < k, got {shard!r}")
     groups = [range(start, min(start + size, count)) for start in range(0, count, size)]
     return [g for number, g in enumerate(groups) if shard is None or number % shard[1] == shard[0]]
 
@@ -86,7 +90,7 @@ def certify_dataset(certifier: Certifier, dataset: Sequence, *, size: Optional[i
     indices = [int(i) for i in getattr(dataset, "indices", range(len(dataset)))]
     memory = certifier.memory if shard is None else None
     finished = set(memory.processed) if memory is not None else set(done)
-    for group in shard_groups(len(dataset), size or group_size(certifier.config), shard):
+    for group in shard_groups(len(dataset), group_size(certifier.config) if size is None else size, shard):
         todo = [p for p in group if memory is None or indices[p] not in finished]
         if all(indices[p] in finished for p in todo):
             continue

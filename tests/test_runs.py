@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ancer import Certifier, CertifyConfig, ResultsError
+from ancer import ArgumentError, Certifier, CertifyConfig, ResultsError
 from ancer.memory import Memory
 from ancer.runs import (RawCertificate, answer_raw, certify_dataset, memory_continues,
                         shard_groups)
@@ -64,6 +64,9 @@ def test_shards_take_fixed_groups_that_partition_the_inputs():
     assert sorted(p for share in shares for g in share for p in g) == list(range(10))
     assert [list(g) for g in shard_groups(10, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert shard_groups(2, 3, (1, 2)) == []
+    for size, shard in [(0, None), (2.0, None), (3, (2, 2)), (3, (-1, 2))]:
+        with pytest.raises(ArgumentError, match="group size|a shard is"):
+            shard_groups(10, size, shard)
 
 
 def test_raw_shard_certificates_answered_in_order_equal_one_run():

@@ -14,6 +14,7 @@ from ancer.memory import Memory, MemoryOutcome, regions_intersect
 from ancer.models import LoadedModel, create_model, load_model
 from ancer.noise import Gaussian, Noise, Uniform, noise_for_norm
 from ancer.optimize import OptimizedScales, certify_with_scales, optimize_anisotropic, optimize_isotropic
+from ancer.runs import certify_dataset
 from ancer.smoothing import Certificate, Smoothed
 from ancer.train import TrainConfig, TrainResult
 
@@ -23,7 +24,7 @@ __all__ = [
     "ABSTAIN", "AncerError", "ArgumentError", "Certificate", "Certifier", "CertifyConfig", "CheckpointError", "CrossPolytope",
     "DatasetError", "Ellipsoid", "Gaussian", "L1Ball", "L2Ball", "LoadedModel", "Memory",
     "MemoryOutcome", "Noise", "OptimizedScales", "Region", "ResultsError", "Smoothed",
-    "TrainConfig", "TrainResult", "Uniform", "certify_with_scales", "create_model",
+    "TrainConfig", "TrainResult", "Uniform", "certify_dataset", "certify_with_scales", "create_model",
     "load_dataset", "load_model", "noise_for_norm", "optimize_anisotropic", "optimize_isotropic",
     "regions_intersect",
 ]

@@ -23,8 +23,8 @@ from ancer.engine import OPTIMIZER_DEFAULTS, CertifyConfig
 from ancer.errors import AncerError, ArgumentError
 from ancer.vocabulary import COMPILE_CHOICES, DEFAULT_RADII_IN_SIGMAS, METHODS, NORMS, PRECISIONS, THETA0
 from ancer.memory import Memory
+from ancer.runs import GROUP_SAMPLES
 from certify import demo, distributed, jobs, merge, report, results
-from certify.prepare import GROUP_SAMPLES
 from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _radii, _shard
 
 PROG = "certify"

@@ -1,32 +1,24 @@
-"""A certification run over a dataset: resumable, sharded, locked, one TSV row per input.
+"""A certification run over a dataset into a results file: resumable, sharded, locked, one
+TSV row per input.
 
-The per-input protocol (scales, CERTIFY, memory) is the library's engine,
-:class:`ancer.engine.Certifier`; this module drives it over a dataset (docs/results.md,
-sections 6 and 7): it cuts the selection into groups of ``inputs_per_batch`` consecutive
-inputs, takes this process's share (``--shard I/K`` or the torchrun rank: the groups whose
-number is I mod K), certifies each group's inputs together, and writes each input's row as
-soon as its group is done (its scales first), saving the memory after each group; a shard
-of a data-dependent method writes raw rows, which the merge answers (:mod:`certify.replay`).
-``results.lock`` is held while a run writes, so a second run on the same ``--out`` is refused.
-
-Resume: the rows already written are skipped. A group is certified whole again when a kill
-cut it (batched arithmetic may round differently in other company), which brings the memory
-up to date and writes only the missing rows, so a resumed run's rows equal an uninterrupted
-run's; a row written before the kill whose memory answer was not saved is checked to equal
-its recomputation. ``--max`` may grow between runs: the new inputs come after the old ones.
+The protocol (groups, a shard's share, resume, the memory) is :func:`ancer.runs.
+certify_dataset`; this module writes each input's row as soon as its group is done (its
+scales first) and saves the memory after each group; a shard of a data-dependent method
+writes raw rows, which the merge answers (:mod:`certify.replay`). ``results.lock`` is held
+while a run writes, so a second run on the same ``--out`` is refused. On resume the rows
+already written are skipped; a row written before a kill whose memory answer was not saved
+is checked to equal its recomputation. ``--max`` may grow between runs.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
-
-import torch
+from typing import Any, Optional, Sequence
 
 from ancer.errors import ArgumentError, ResultsError
 from ancer.memory import Memory
+from ancer.runs import Certified, certify_dataset, memory_continues, shard_groups
 from ancer.vocabulary import default_radii
 from certify import distributed, merge
 from certify.lock import RunLock
@@ -95,33 +87,25 @@ def _merge_shards(out: Path) -> None:
 
 def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None,
                    position: int = 0, notify: Any = print) -> None:
-    """Certify this shard's inputs of ``job`` into the results file ``path``, resuming it.
-
-    The inputs are cut into fixed groups of ``job.group_size`` consecutive positions, and a
-    group is always certified whole (again whole on resume, writing only its missing rows;
-    a shard takes whole groups), less the inputs whose memory answers are saved: batched
-    floating-point arithmetic may round differently in another company, so this keeps every
-    row that of an uninterrupted single-process run. A shard of a data-dependent method runs
-    no memory: it sees only its own inputs, so its rows are raw, answered at the merge.
-    Ctrl-C raises :class:`Interrupted` once the rows written so far are safe. Without
-    ``--inputs-per-batch``, a run begun with another default group size goes on with it."""
+    """Certify this shard's inputs of ``job`` into the results file ``path``, resuming it
+    (:func:`ancer.runs.certify_dataset`). Ctrl-C raises :class:`Interrupted` once the rows
+    written so far are safe. Without ``--inputs-per-batch``, a run begun with another
+    default group size goes on with it."""
     recorded = read_sidecar(path) if path.is_file() and job.spec.inputs_per_batch is None else None
     if recorded is not None and "inputs_per_batch" in recorded.settings:
         job.settings["inputs_per_batch"] = recorded.settings["inputs_per_batch"]
-    groups = [g for number, g in enumerate(_groups(range(len(job.dataset)), job.group_size))
-              if shard is None or number % shard[1] == shard[0]]
-    positions = [p for group in groups for p in group]
+    positions = [p for group in shard_groups(len(job.dataset), job.group_size, shard) for p in group]
     if not positions:
         notify(f"shard {shard[0]}/{shard[1]} has nothing to do: the {len(job.dataset)} inputs "
                f"make only {math.ceil(len(job.dataset) / job.group_size)} groups of "
                f"{job.group_size}; use fewer shards or a smaller --inputs-per-batch")
     with RunLock(path):
         _check_selection(job, path)
-        _certify_into(job, path, groups, positions, shard, position, notify)
+        _certify_into(job, path, positions, shard, position, notify)
 
 
-def _certify_into(job: Job, path: Path, groups: list, positions: list,
-                  shard: Optional[tuple[int, int]], position: int, notify: Any) -> None:
+def _certify_into(job: Job, path: Path, positions: list, shard: Optional[tuple[int, int]],
+                  position: int, notify: Any) -> None:
     """:func:`certify_inputs` once the results file is locked and its selection checked."""
     with open_results(path, job.settings, job.info, growable=("max",)) as writer:
         written = [job.dataset.indices[p] for p in positions if job.dataset.indices[p] in writer.done]
@@ -129,17 +113,14 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
         unanswered = _unanswered_rows(path, writer, memory)
         scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
                   if job.config.anisotropic else None)
-        finished = set(memory.processed) if memory is not None else writer.done
-        todo = [g for g in groups if not all(job.dataset.indices[p] in finished for p in g)]
-        if memory is not None:  # inputs the memory answered stay answered (a grown --max)
-            todo = [[p for p in g if job.dataset.indices[p] not in finished] for g in todo]
-        per_input = job.config.n0 + job.config.n
-        progress = Progress(len(positions), len(writer.done), per_input,
+        progress = Progress(len(positions), len(writer.done), job.config.n0 + job.config.n,
                             _description(path, shard), job.spec.quiet, position,
                             hint=_shorter_hint(job), say=notify, every=job.spec.progress_every)
         try:
-            for group in todo:
-                _certify_group(job, group, writer, scales, progress, unanswered, shard)
+            for group in certify_dataset(job.certifier, job.dataset, size=job.group_size,
+                                         shard=shard, done=set(writer.done),
+                                         progress=progress.advance):
+                _write_group(job, group, writer, scales, progress, unanswered)
                 if memory is not None:
                     memory.save(memory_file)
         except KeyboardInterrupt:
@@ -192,23 +173,16 @@ def _file_order(path: Path, writer: ResultsWriter) -> list[int]:
 def _open_memory(job: Job, path: Path, written: Sequence[int],
                  shard: Optional[tuple[int, int]]) -> tuple[Optional[Memory], Path]:
     """The run's memory (loaded on resume), continued by the engine, or None for a method
-    that needs none and for a shard (its rows stay raw until the merge replays the memory).
-    Its inputs must be the first rows of the results file: it is saved after each group."""
+    that needs none and for a shard (its rows stay raw until the merge replays the memory)."""
     where = memory_path(path)
     if not job.config.uses_memory or shard is not None:
         return None, where
     memory = Memory.load(where) if where.exists() else job.certifier.memory
-    processed = list(memory.processed)
-    if memory.norm != job.config.norm or processed != list(written[:len(processed)]):
+    if not memory_continues(memory, job.config.norm, written):
         raise ResultsError(f"{where} does not match {path} (another run's memory?): move it "
                            "away and pass a new --out, or restore the matching files")
     job.certifier.use_memory(memory)
     return memory, where
-
-
-def _groups(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]) -> dict[int, Row]:
@@ -222,28 +196,20 @@ def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]
             if int(idx) not in processed}
 
 
-def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
-                   scales: Optional[ScalesWriter],
-                   progress: Progress, unanswered: dict[int, Row],
-                   shard: Optional[tuple[int, int]]) -> None:
-    """Certify the inputs at dataset positions ``group`` with the engine and write their
-    rows, in order; rows already written are checked against their recomputation when the
-    memory did not save them (:func:`certify.rows.check_recomputed`)."""
-    items = [job.dataset[p] for p in group]
-    indices = [int(job.dataset.indices[p]) for p in group]
-    xs = torch.stack([x for x, _ in items])
-    start = time.perf_counter()
-    certificates = job.certifier.certify_batch(xs, indices, progress=progress.advance,
-                                               raw=shard is not None)
-    elapsed = (time.perf_counter() - start) / len(group)
-    for (_, label), idx, certificate in zip(items, indices, certificates):
-        row = make_row(idx, label, certificate, job.config.method, elapsed,
+def _write_group(job: Job, group: Sequence[Certified], writer: ResultsWriter,
+                 scales: Optional[ScalesWriter], progress: Progress,
+                 unanswered: dict[int, Row]) -> None:
+    """Write the rows of a group's certificates, in order; an input certified again with
+    its group is checked against its row when the memory did not save its answer
+    (:func:`certify.rows.check_recomputed`)."""
+    for item in group:
+        row = make_row(item.idx, item.label, item.certificate, job.config.method, item.seconds,
                        job.config.uses_memory)
-        if idx in writer.done:  # certified again, with its group, for the memory and the rest
-            if idx in unanswered:
-                check_recomputed(writer.path, unanswered[idx], row)
+        if item.again:
+            if item.idx in unanswered:
+                check_recomputed(writer.path, unanswered[item.idx], row)
             continue
-        if certificate.anisotropic:
-            scales.append(idx, certificate.noise.sigma.numpy())
+        if item.certificate.anisotropic:
+            scales.append(item.idx, item.certificate.noise.sigma.numpy())
         writer.write(row)
         progress.update(row)

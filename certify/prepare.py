@@ -27,6 +27,7 @@ from ancer.devices import device_name, resolve_device
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
 from ancer.models import LoadedModel, load_model
+from ancer.runs import group_size
 from ancer.vocabulary import default_radii
 from certify.demo import SAMPLE as SHIPPED_CIFAR10
 from certify.distributed import Launch
@@ -105,20 +106,6 @@ def _data_source(spec: RunSpec, loaded: LoadedModel, notes: list[str]) -> tuple[
 def _count_shipped() -> int:
     with np.load(SHIPPED_CIFAR10) as sample:
         return len(sample["y"])
-
-
-#: the most noise draws (n0 + n each) that the inputs of one group may take together, so
-#: that a row is written every few minutes at most: 100 forward batches of 1000, about 2
-#: minutes of a CIFAR ResNet-20 on a 2-core CPU. A larger group only fills the n0 selection
-#: draws of several inputs into one forward batch, which saves little once each input's n
-#: fills batches of its own
-GROUP_SAMPLES = 100_000
-
-
-def group_size(config: CertifyConfig) -> int:
-    """Inputs certified together: enough to fill one forward batch with their n0 selection
-    draws, but no more than ``GROUP_SAMPLES`` draws in all (at least one input)."""
-    return max(1, min(config.batch // config.n0, GROUP_SAMPLES // (config.n0 + config.n)))
 
 
 def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:

@@ -4,7 +4,7 @@ the memory (docs/results.md, section 7).
 A certificate with input-dependent scales is sound only as the memory answers it, in one
 pass over all inputs in order, which no shard sees: shards write their inputs' own
 certificates (memory column ``raw``) and the merge makes the pass with
-:func:`ancer.memory.replay`, in idx order. A raw row holds what it needs bit for bit: the
+:func:`ancer.runs.answer_raw`, in idx order. A raw row holds what it needs bit for bit: the
 class, ``p_lower`` at full precision, the per-input σ (dds, a float32 written with ``repr``)
 or θ in the scales file (ancer); the input is re-read from the dataset. So the merged rows
 equal a single-process run's (all columns but ``time``).
@@ -22,8 +22,8 @@ import torch
 
 from ancer.data import ImageDataset, load_dataset
 from ancer.errors import DatasetError, ResultsError
-from ancer.memory import Memory, MemoryOutcome, OwnCertificate, replay as replay_memory
-from ancer.noise import noise_for_norm
+from ancer.memory import Memory, MemoryOutcome
+from ancer.runs import RawCertificate, answer_raw
 from certify.results import RAW, ResultsTable, Row, beside
 
 
@@ -85,24 +85,16 @@ class Replayed:
 def replay(rows: Sequence[Row], settings: Mapping[str, object],
            scales: Optional[Mapping[int, np.void]], data: Optional[str | os.PathLike] = None
            ) -> Replayed:
-    """Answer the raw ``rows`` of a run with ``settings`` through one memory pass over all
-    its inputs in idx order (see the module docstring for why this equals a single-process
-    run). ``scales`` maps idx to its scales record (ancer) or is None (dds)."""
-    dataset = load_inputs(settings, data)
+    """Answer the raw ``rows`` of a run with ``settings`` through the memory's pass over all
+    its inputs in idx order (:func:`ancer.runs.answer_raw`). ``scales`` maps idx to its
+    scales record (ancer) or is None (dds)."""
     ordered = sorted(rows, key=lambda row: row.idx)
-    _check_coverage([row.idx for row in ordered], dataset, settings)
-    noise = noise_for_norm(str(settings["norm"]), float(settings["sigma"]))
-    own = []
-    for position, row in enumerate(ordered):
-        x, label = dataset[position]
-        if int(label) != row.label:
-            raise ResultsError(f"idx {row.idx} has label {int(label)} in {dataset.name} data but "
-                               f"{row.label} in its row: the data changed since the run; "
-                               "restore it, or certify again")
-        scale = row.sigma if scales is None else _scale_of(scales, row.idx)
-        own.append(OwnCertificate(row.idx, x, row.predict, row.p_lower,
-                                  noise.with_sigma(scale), row.radius))
-    memory, outcomes = replay_memory(noise.norm, own)
+    raw = [RawCertificate(row.idx, row.label, row.predict, row.p_lower, row.radius,
+                          row.sigma if scales is None else _scale_of(scales, row.idx))
+           for row in ordered]
+    memory, outcomes = answer_raw(
+        load_inputs(settings, data), str(settings["norm"]), float(settings["sigma"]), raw,
+        f" (skip {settings['skip']}, max {settings['max']}) of {settings['data']}")
     records = None if scales is None else np.array([scales[r.idx] for r in ordered])
     return Replayed([answered(row, outcome) for row, outcome in zip(ordered, outcomes)],
                     memory, records)
@@ -113,20 +105,3 @@ def _scale_of(scales: Mapping[int, np.void], idx: int) -> torch.Tensor:
         raise ResultsError(f"idx {idx} has no scales in the shards' scales files: restore the "
                            "shard's .scales.npy, or certify that shard again")
     return torch.from_numpy(np.array(scales[idx]["sigma"]))
-
-
-def _check_coverage(indices: Sequence[int], dataset: ImageDataset,
-                    settings: Mapping[str, object]) -> None:
-    """The memory must see every input of the run: the rows' idx must be the selection's."""
-    expected = [int(i) for i in dataset.indices]
-    if list(indices) == expected:
-        return
-    missing = sorted(set(expected) - set(indices))
-    if missing:
-        raise ResultsError(f"idx {missing[0]} ({len(missing)} inputs in all) has no row yet, and "
-                           "the memory must see every input in order: finish every shard "
-                           "(rerun the same command with its --shard), then merge")
-    extra = sorted(set(indices) - set(expected))[0]
-    raise ResultsError(f"idx {extra} is not among the run's inputs (skip {settings['skip']}, "
-                       f"max {settings['max']}) of {settings['data']}: merge only the shards "
-                       "of one run")

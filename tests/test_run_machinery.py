@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from certify import demo
-from certify.prepare import GROUP_SAMPLES, group_size
+from ancer.runs import GROUP_SAMPLES, group_size
 from certify.progress import Progress
 from certify.results import Row, read_results, sidecar_path
 from ancer import CertifyConfig

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ancer.errors import AncerError, ArgumentError
+from ancer.models import DATASET_STATS, available_models
 from certify import demo, distributed, jobs, merge, replay, report, results
 from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _radii, _shard
 
@@ -47,6 +48,21 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", metavar="CKPT",
                       help="base classifier checkpoint (.pt, .pth.tar; Cohen et al.'s "
                            "checkpoints are read as they are)")
+    what.add_argument("--arch", choices=available_models(), metavar="NAME",
+                      help="the checkpoint's architecture, for files that do not name it (bare "
+                           "state dicts, DDRS/ANCER and MACER checkpoints): "
+                           + ", ".join(available_models()))
+    what.add_argument("--trust", action="store_true",
+                      help="unpickle Python objects (a whole pickled nn.Module): only for files "
+                           "from a trusted source, as unpickling can run code (default off: "
+                           "tensors only)")
+    what.add_argument("--norm-stats", choices=sorted(DATASET_STATS), metavar="NAME",
+                      help="the normalization to restore in front of the network (and the input "
+                           "size to probe a TorchScript or pickled model with): "
+                           f"{', '.join(sorted(DATASET_STATS))} (default: the architecture's)")
+    what.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                      help="restore the normalization layer in front of a state dict's network "
+                           "(default: yes, except for MACER checkpoints, trained on raw inputs)")
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
     what.add_argument("--data", metavar="DIR",
@@ -237,7 +253,8 @@ def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
         raise ArgumentError("--radii steers --sequential certification: add --sequential, "
                             "or drop --radii")
     spec = jobs.RunSpec(
-        model=args.model, out=Path(args.out), data=args.data, dataset=args.dataset,
+        model=args.model, arch=args.arch, trust=args.trust, norm_stats=args.norm_stats,
+        normalize=args.normalize, out=Path(args.out), data=args.data, dataset=args.dataset,
         synsets=args.synsets, skip=args.skip, max=args.max, device=args.device,
         inputs_per_batch=args.inputs_per_batch, shard=args.shard, quiet=args.quiet)
     fields = {

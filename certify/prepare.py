@@ -45,6 +45,10 @@ class RunSpec:
 
     model: str
     out: Path
+    arch: Optional[str] = None
+    trust: bool = False
+    norm_stats: Optional[str] = None
+    normalize: Optional[bool] = None
     data: Optional[str] = None
     dataset: Optional[str] = None
     synsets: Optional[str] = None
@@ -151,7 +155,8 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     default to σ, 2σ, 3σ (p_A of Φ(1), Φ(2), Φ(3) for l2)."""
     notes: list[str] = []
     device = resolve_device(spec.device, launch)
-    loaded = load_model(spec.model, map_location=device)
+    loaded = load_model(spec.model, arch=spec.arch, dataset=spec.norm_stats, trust=spec.trust,
+                        normalize=spec.normalize, map_location=device)
     if fields.get("sigma") is None:
         if loaded.sigma is None:
             raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
@@ -178,7 +183,7 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
         check_reachable(certifier)
     evaluation = certifier.smoothed.settings()
     settings = {
-        "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
+        "model_sha256": loaded.sha256, "arch": loaded.arch, **model_options(spec), "dataset": kind,
         "data": str(Path(data).resolve()), **extra, "norm": config.norm, "method": config.method,
         "sigma": config.sigma, "half_width": certifier.noise.half_width_of(config.sigma),
         "n0": config.n0, "n": config.n, "alpha": config.alpha, "batch": config.batch,
@@ -202,6 +207,13 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
                          "compile_resolved": certifier.compiled},
     }
     return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
+
+
+def model_options(spec: RunSpec) -> dict[str, Any]:
+    """The loader's options that change the model (--norm-stats, --normalize), as recorded in
+    the settings: only those given, so that runs without them keep their settings."""
+    given = {"norm_stats": spec.norm_stats, "normalize": spec.normalize}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def check_reachable(certifier: Certifier) -> None:

@@ -72,6 +72,11 @@ def run_parser() -> argparse.ArgumentParser:
                       help="ImageNet: the list of all 1000 synsets in label order (default: "
                            "synsets.txt or LOC_synset_mapping.txt in or beside --data; needed "
                            "when the folder holds fewer than 1000 classes)")
+    what.add_argument("--labels-sorted", action="store_true",
+                      help="--dataset folder: the class folders in sorted order are the model's "
+                           "labels 0, 1, ... (default off: each folder is labelled by its name "
+                           "among the model's classes, CIFAR-10's names or ImageNet's synsets, "
+                           "and other names are refused)")
     what.add_argument("--skip", type=_positive_int, default=1, metavar="K",
                       help="certify every K-th input (Cohen et al. use 20 on CIFAR-10; default 1)")
     what.add_argument("--max", type=_positive_int, metavar="N",
@@ -254,7 +259,8 @@ def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
                             "or drop --radii")
     spec = jobs.RunSpec(
         model=args.model, arch=args.arch, trust=args.trust, norm_stats=args.norm_stats,
-        normalize=args.normalize, out=Path(args.out), data=args.data, dataset=args.dataset,
+        normalize=args.normalize, labels_sorted=args.labels_sorted,
+        out=Path(args.out), data=args.data, dataset=args.dataset,
         synsets=args.synsets, skip=args.skip, max=args.max, device=args.device,
         inputs_per_batch=args.inputs_per_batch, shard=args.shard, quiet=args.quiet)
     fields = {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import ancer
-from ancer.data import ImageDataset, load_dataset
+from ancer.data import ImageDataset, class_names, load_dataset
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
 from ancer.models import LoadedModel, load_model
@@ -49,6 +49,7 @@ class RunSpec:
     trust: bool = False
     norm_stats: Optional[str] = None
     normalize: Optional[bool] = None
+    labels_sorted: bool = False
     data: Optional[str] = None
     dataset: Optional[str] = None
     synsets: Optional[str] = None
@@ -170,6 +171,8 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     config = make_config(fields)
     kind, data = _data_source(spec, loaded, notes)
     extra = dataset_options(kind, loaded.num_classes, spec.synsets)
+    if kind == "folder":
+        extra.update(folder_options(loaded, spec, data))
     dataset = load_dataset(kind, data, skip=spec.skip, max=spec.max, **extra)
     if len(dataset) == 0:
         raise DatasetError(f"--data {data} with --skip {spec.skip} --max {spec.max} "
@@ -207,6 +210,20 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
                          "compile_resolved": certifier.compiled},
     }
     return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
+
+
+def folder_options(loaded: LoadedModel, spec: RunSpec, data: str) -> dict[str, Any]:
+    """The folder reader's options: the model's class names, so that each class folder is
+    labelled by its name, or ``labels_sorted`` when --labels-sorted vouches for the order."""
+    if spec.labels_sorted:
+        return {"labels_sorted": True}
+    classes = class_names(loaded.dataset, spec.synsets, data)
+    if classes is None:
+        raise ArgumentError(f"--dataset folder: the model's class names are unknown, so the class "
+                            f"folders of {data} cannot be labelled by name: give the ImageNet "
+                            "synset list with --synsets FILE, or, if the folders in sorted order "
+                            "are the model's labels 0, 1, ..., say so with --labels-sorted")
+    return {"classes": classes}
 
 
 def model_options(spec: RunSpec) -> dict[str, Any]:

@@ -178,8 +178,18 @@ def report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radii", default=report.DEFAULT_RADII, metavar="SPEC",
                         help="radii of the table's rows, as start:stop:step (stop included) "
                              f"or a list like 0,0.5,1 (default {report.DEFAULT_RADII})")
-    parser.add_argument("--format", choices=("md", "csv"), default="md",
-                        help="Markdown table or CSV on stdout (default md)")
+    parser.add_argument("--format", choices=report.FORMATS, default="md",
+                        help="Markdown table, CSV, or a LaTeX tabular as papers print it "
+                             "(booktabs; certified accuracy at --radii and ACR, one column per "
+                             "run, the best in bold) on stdout (default md)")
+    parser.add_argument("--label", action="append", metavar="NAME",
+                        help="the name of a run in the table and the legend, once per results "
+                             "file in their order (default: the file names)")
+    parser.add_argument("--title", metavar="TEXT",
+                        help="a title over the table (md), its caption (latex) and the plot")
+    parser.add_argument("--per-class", action="store_true",
+                        help="also certified accuracy per true label: a table per run (md, "
+                             "latex), or rows certified_accuracy_class_<label> (csv)")
     parser.add_argument("--plot", metavar="PNG",
                         help="also save the curves as an image, one panel per norm, creating "
                              "its folder (needs matplotlib; default: no image)")
@@ -208,19 +218,35 @@ def _report(args: argparse.Namespace) -> int:
     """``certify report``: the table on stdout (and with --plot the image), and a warning
     for each setting in which runs of one norm differ."""
     radii = report.parse_radii(args.radii)
+    names = _run_labels(args.label, args.results)
     tables = [results.read_results(path) for path in args.results]
-    names = report.run_names(args.results)
     _warn_dropped((t.path, t.partial_line) for t in tables if t.partial_line is not None)
     summaries = [report.summarize(t, radii, name) for t, name in zip(tables, names)]
     _warn_raw(summaries)
     runs = list(zip(names, tables))
     if args.plot:
-        report.plot_curves(runs, args.plot)
-    sys.stdout.write(report.format_report(summaries, radii, args.format))
+        report.plot_curves(runs, args.plot, args.title)
+    text = report.format_report(summaries, radii, args.format, args.title)
+    if args.per_class and args.format == "csv":
+        text += report.format_csv_rows(report.per_class_rows(runs, radii))
+    elif args.per_class:
+        text += "".join("\n" + report.format_per_class(name, table, radii, args.format)
+                        for name, table in runs)
+    sys.stdout.write(text)
     sys.stdout.flush()
     for warning in report.setting_warnings(runs):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _run_labels(labels: Sequence[str] | None, paths: Sequence[str]) -> list[str]:
+    """The runs' names: the --label of each file, or the file names."""
+    if labels is None:
+        return report.run_names(paths)
+    if len(labels) != len(paths):
+        raise ArgumentError(f"--label given {len(labels)} times for {len(paths)} results files: "
+                            "give one --label per file, in the files' order")
+    return list(labels)
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -327,8 +327,7 @@ def _run_and_say(args: argparse.Namespace, temporary: bool) -> int:
     sys.stdout.write(report.format_report([report.summarize(table, radii, "demo")], radii))
     sigma = results.read_sidecar(out).settings["sigma"]
     sys.stdout.write(demo.explanation(args.norm, sigma, args.n, args.alpha))
-    if not temporary:
-        print(f"results in {out}")
+    print(demo.where_results_are(out, temporary))
     return 0
 
 

@@ -219,6 +219,7 @@ def folder_options(loaded: LoadedModel, spec: RunSpec, data: str) -> dict[str, A
         return {"labels_sorted": True}
     classes = class_names(loaded.dataset, spec.synsets, data)
     if classes is None:
+        load_dataset("folder", data)  # a folder in the wrong layout is told first
         raise ArgumentError(f"--dataset folder: the model's class names are unknown, so the class "
                             f"folders of {data} cannot be labelled by name: give the ImageNet "
                             "synset list with --synsets FILE, or, if the folders in sorted order "

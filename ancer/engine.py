@@ -38,6 +38,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ancer.denoisers import Denoised, LoadedDenoiser
 from ancer.errors import ArgumentError
 from ancer.memory import Memory
 from ancer.models import LoadedModel
@@ -238,6 +239,9 @@ class Certifier:
     optimizers use it). ``device`` moves the model there (default: where its parameters
     are). ``memory`` continues an earlier run's memory (dds, ancer); ``planned_samples``
     (forward passes the caller expects to spend) lets ``compile="auto"`` decide on a CPU.
+    ``denoiser`` (a :class:`ancer.denoisers.LoadedDenoiser` or an ``nn.Module`` on [0, 1]
+    images) makes the base classifier f(D(x)), denoised smoothing; precision, folding,
+    compile and CUDA graphs then apply to the composition.
     """
 
     def __init__(
@@ -250,6 +254,7 @@ class Certifier:
         device: Optional[Union[str, torch.device]] = None,
         memory: Optional[Memory] = None,
         planned_samples: Optional[int] = None,
+        denoiser: Optional[Union[LoadedDenoiser, nn.Module]] = None,
     ) -> None:
         if not isinstance(config, CertifyConfig):
             raise ArgumentError(f"config must be an ancer.CertifyConfig, got {type(config).__name__}")
@@ -265,6 +270,10 @@ class Certifier:
                                 "that ancer.load_model returns)")
         if outputs not in OUTPUTS:
             raise ArgumentError(f"outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
+        self.denoiser = denoiser.describe() if isinstance(denoiser, LoadedDenoiser) else (
+            None if denoiser is None else {"kind": "module", "class": type(denoiser).__name__})
+        if denoiser is not None:
+            model = Denoised(denoiser.module if isinstance(denoiser, LoadedDenoiser) else denoiser, model)
         self.outputs = outputs
         self.config = config
         self.noise: Noise = noise_for_norm(config.norm, config.sigma)
@@ -385,6 +394,7 @@ class Certifier:
         settings = dataclasses.asdict(self.config)
         settings["radii"] = list(self.config.radii)
         settings["evaluation"] = self.smoothed.settings()
+        settings["denoiser"] = self.denoiser
         return settings
 
     @staticmethod

@@ -38,7 +38,8 @@ def run_parser() -> argparse.ArgumentParser:
                     "Alfarra et al. 2022). Rerunning the same command resumes the run.",
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
                "'certify merge --out RESULTS.tsv' (join shard files), "
-               "'certify train ...' (train a base classifier). "
+               "'certify train ...' (train a base classifier), "
+               "'certify train-denoiser ...' (train a denoiser for --denoiser). "
                "Example: certify --model ckpt.pth.tar --sigma 0.25 --data cifar-10-batches-py "
                "--out results.tsv (without --data a CIFAR-10 model certifies the shipped test "
                "images); certify --demo runs the shipped model.",
@@ -47,6 +48,11 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", metavar="CKPT",
                       help="base classifier checkpoint (.pt, .pth.tar; Cohen et al.'s "
                            "checkpoints are read as they are)")
+    what.add_argument("--denoiser", metavar="PATH",
+                      help="denoised smoothing: certify model(denoiser(x)); a DnCNN/MemNet "
+                           "checkpoint (Salman et al.'s or 'certify train-denoiser'), a diffusers "
+                           "UNet folder (one-shot diffusion, needs the [diffusion] extra) or "
+                           "TorchScript (default: none)")
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
     what.add_argument("--data", metavar="DIR",
@@ -237,7 +243,8 @@ def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
         raise ArgumentError("--radii steers --sequential certification: add --sequential, "
                             "or drop --radii")
     spec = jobs.RunSpec(
-        model=args.model, out=Path(args.out), data=args.data, dataset=args.dataset,
+        model=args.model, denoiser=args.denoiser, out=Path(args.out), data=args.data,
+        dataset=args.dataset,
         synsets=args.synsets, skip=args.skip, max=args.max, device=args.device,
         inputs_per_batch=args.inputs_per_batch, shard=args.shard, quiet=args.quiet)
     fields = {
@@ -300,11 +307,22 @@ def _train(args: argparse.Namespace) -> int:
     return train_cli.run(args)
 
 
+def _train_denoiser_parser() -> argparse.ArgumentParser:
+    from certify import train_denoiser_cli
+    return train_denoiser_cli.parser()
+
+
+def _train_denoiser(args: argparse.Namespace) -> int:
+    from certify import train_denoiser_cli
+    return train_denoiser_cli.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int]]] = {
     "report": (report_parser, _report),
     "merge": (merge_parser, _merge),
     "train": (_train_parser, _train),
+    "train-denoiser": (_train_denoiser_parser, _train_denoiser),
 }
 
 

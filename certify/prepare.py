@@ -23,6 +23,7 @@ import torch
 
 import ancer
 from ancer.data import ImageDataset, load_dataset
+from ancer.denoisers import load_denoiser
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
 from ancer.models import LoadedModel, load_model
@@ -45,6 +46,7 @@ class RunSpec:
 
     model: str
     out: Path
+    denoiser: Optional[str] = None
     data: Optional[str] = None
     dataset: Optional[str] = None
     synsets: Optional[str] = None
@@ -152,8 +154,10 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     notes: list[str] = []
     device = resolve_device(spec.device, launch)
     loaded = load_model(spec.model, map_location=device)
+    if fields.get("sigma") is None and spec.denoiser is not None:
+        fields = {**fields, "sigma": _denoiser_sigma(spec.denoiser, notes)}
     if fields.get("sigma") is None:
-        if loaded.sigma is None:
+        if not loaded.sigma:  # None, or 0 for a model trained without noise
             raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
                                 f"{spec.model} does not record the σ it was trained with")
         fields = {**fields, "sigma": float(loaded.sigma)}
@@ -173,7 +177,10 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
         raise ArgumentError(f"the dataset has {dataset.num_classes} classes but the model "
                             f"outputs {loaded.num_classes}: check --model and --data")
     planned = len(dataset) * (config.n0 + config.n)
-    certifier = Certifier(loaded, config, device=device, planned_samples=planned)
+    denoiser = None if spec.denoiser is None else load_denoiser(
+        spec.denoiser, config.sigma, map_location=device)
+    certifier = Certifier(loaded, config, device=device, planned_samples=planned,
+                          denoiser=denoiser)
     if config.sequential:
         check_reachable(certifier)
     evaluation = certifier.smoothed.settings()
@@ -187,6 +194,8 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
         "device_type": device.type, "fold_bn": evaluation["fold_bn"],
         # enough inputs to fill one forward batch with their n0 selection draws
         "inputs_per_batch": spec.inputs_per_batch or max(1, config.batch // config.n0),
+        "denoiser": None if denoiser is None else {
+            **denoiser.describe(), "path": str(Path(denoiser.path).resolve())},
         "optimizer": None if not config.uses_memory else {
             **config.optimizer(config.method), "theta0": (
                 config.theta0 if config.method == "ancer" else None)},
@@ -202,6 +211,17 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
                          "compile_resolved": certifier.compiled},
     }
     return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
+
+
+def _denoiser_sigma(path: str, notes: list[str]) -> Optional[float]:
+    """The σ a denoiser checkpoint records as its training noise, for a run without
+    ``--sigma`` (a note says so); None when it records none (a diffusion folder never does)."""
+    recorded = load_denoiser(path).sigma if Path(path).is_file() else None
+    if recorded is None:
+        return None
+    notes.append(f"no --sigma given: using σ = {recorded:g}, recorded in the denoiser "
+                 "checkpoint as its training noise")
+    return recorded
 
 
 def check_reachable(certifier: Certifier) -> None:

@@ -38,7 +38,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ancer.denoisers import Denoised, LoadedDenoiser
+from ancer.denoisers import LoadedDenoiser
+from ancer.denoisers.compose import compose
 from ancer.errors import ArgumentError
 from ancer.memory import Memory
 from ancer.models import LoadedModel
@@ -270,10 +271,7 @@ class Certifier:
                                 "that ancer.load_model returns)")
         if outputs not in OUTPUTS:
             raise ArgumentError(f"outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
-        self.denoiser = denoiser.describe() if isinstance(denoiser, LoadedDenoiser) else (
-            None if denoiser is None else {"kind": "module", "class": type(denoiser).__name__})
-        if denoiser is not None:
-            model = Denoised(denoiser.module if isinstance(denoiser, LoadedDenoiser) else denoiser, model)
+        model, self.denoiser = compose(model, denoiser, config.sigma)
         self.outputs = outputs
         self.config = config
         self.noise: Noise = noise_for_norm(config.norm, config.sigma)

@@ -228,6 +228,8 @@ def test_diffusers_folders_load_both_layouts(tmp_path, monkeypatch):
         assert loaded.kind == "diffusion" and loaded.timestep == t
         with torch.no_grad():
             assert torch.allclose(loaded.module(x), expected, atol=1e-5)
+    with pytest.raises(ArgumentError, match="loaded for sigma 0.25"):
+        Certifier(torch.nn.Flatten(), CertifyConfig(sigma=0.5, n=100), 10, denoiser=loaded)
     (flat / "scheduler_config.json").unlink()
     with pytest.raises(CheckpointError, match="no scheduler"):
         load_denoiser(flat, 0.25)

@@ -12,9 +12,15 @@ gradients) applies to the whole of f∘D.
 """
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+
 from torch import Tensor, fx, nn
 
 from ancer.errors import ArgumentError
+
+if TYPE_CHECKING:
+    from ancer.denoisers.loader import LoadedDenoiser
 
 
 def checked_denoised(denoised: Tensor, noisy: Tensor) -> Tensor:
@@ -44,6 +50,27 @@ class Denoised(nn.Module):
         return self.classifier(checked_denoised(self.denoiser(x), x))
 
 
+def compose(classifier: nn.Module, denoiser: Optional[Union[nn.Module, "LoadedDenoiser"]],
+            sigma: float) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
+    """The base classifier f∘D for a certification at noise ``sigma``, and what the run
+    records about D (None, and ``classifier`` itself, without a denoiser). A diffusion
+    denoiser must have been loaded for this ``sigma``: its timestep depends on it."""
+    if denoiser is None:
+        return classifier, None
+    from ancer.denoisers.loader import LoadedDenoiser  # the loader imports this module
+
+    if isinstance(denoiser, LoadedDenoiser):
+        if denoiser.kind == "diffusion" and not math.isclose(denoiser.sigma, sigma):
+            raise ArgumentError(f"the diffusion denoiser was loaded for sigma {denoiser.sigma:g} "
+                                f"(timestep {denoiser.timestep}) but the run certifies sigma "
+                                f"{sigma:g}: load it with sigma={sigma:g}")
+        return Denoised(denoiser.module, classifier), denoiser.describe()
+    if not isinstance(denoiser, nn.Module):
+        raise ArgumentError(f"denoiser must be an nn.Module or a LoadedDenoiser, got "
+                            f"{type(denoiser).__name__}")
+    return Denoised(denoiser, classifier), {"kind": "module", "class": type(denoiser).__name__}
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """``module`` in eval mode with no parameter requiring gradients (the scale optimizers
     differentiate with respect to the input, not the weights)."""
@@ -53,4 +80,3 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["Denoised", "checked_denoised", "freeze"]

@@ -47,7 +47,8 @@ class LoadedDenoiser:
     ``module`` maps images on [0, 1] to images of the same shape, in eval mode; ``kind`` is
     one of :data:`KINDS`; ``arch`` the architecture name when known; ``sha256`` the file's
     hash (a folder's: of its files' names and bytes); ``sigma`` the training noise when
-    recorded; ``timestep`` diffusion's t* (None for other kinds)."""
+    recorded (for diffusion: the σ its timestep was chosen for); ``timestep`` diffusion's t*
+    (None for other kinds)."""
 
     module: nn.Module
     kind: str
@@ -181,4 +182,4 @@ def _load_diffusers(folder: Path, sigma: Optional[float], device: torch.device) 
     module = OneShotDiffusion(freeze(unet), torch.as_tensor(alphas_cumprod), float(sigma),
                               image_channels=channels)
     return LoadedDenoiser(freeze(module.to(device)), "diffusion", "UNet2DModel", str(folder),
-                          folder_sha256(folder), timestep=module.timestep)
+                          folder_sha256(folder), sigma=float(sigma), timestep=module.timestep)

@@ -184,7 +184,7 @@ def _accuracy_on(run: str, images: int) -> List[float]:
     return [float(np.mean(correct & (radius >= r))) for r in RADII]
 
 
-def diffusion_cost(samples: int, batch: int, repeats: int) -> Dict[str, object]:
+def diffusion_cost(samples: int, batch: int, repeats: int, device: torch.device) -> Dict[str, object]:
     """Seconds per forward sample of one-shot diffusion + ResNet-20: the reference loop,
     the engine's defaults and bf16, on one shipped image."""
     import diffusers
@@ -194,10 +194,9 @@ def diffusion_cost(samples: int, batch: int, repeats: int) -> Dict[str, object]:
     alphas = diffusers.DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
     denoiser = OneShotDiffusion(unet, alphas, SIGMA).eval()
     classifier = load_model(CHECKPOINT).model
-    composed = Denoised(denoiser, classifier).eval()
+    composed = Denoised(denoiser, classifier).eval().to(device)
     with np.load(SAMPLE) as sample:
-        x = torch.from_numpy(sample["x"][0]).permute(2, 0, 1).float() / 255
-    device = torch.device("cpu")
+        x = (torch.from_numpy(sample["x"][0]).permute(2, 0, 1).float() / 255).to(device)
     per_sample: Dict[str, float] = {}
     seconds = best_time(lambda: reference_sample_counts(composed, x, samples, SIGMA, 10, batch),
                         device, repeats)
@@ -205,7 +204,7 @@ def diffusion_cost(samples: int, batch: int, repeats: int) -> Dict[str, object]:
     for name, precision in (("engine_fp32", "fp32"), ("engine_bf16", "bf16")):
         config = CertifyConfig(sigma=SIGMA, n0=batch, n=samples - batch, batch=batch,
                                precision=precision, compile="off")
-        engine = Certifier(classifier, config, 10, denoiser=denoiser)
+        engine = Certifier(classifier, config, 10, denoiser=denoiser, device=device)
         engine.certify(x)  # warm-up
         seconds = best_time(lambda: engine.certify(x), device, repeats)
         per_sample[name] = seconds / samples
@@ -261,10 +260,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="cost: forward batch")
     parser.add_argument("--repeats", type=int, default=2, help="cost: timings, best kept")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the cost part runs (the curves' certify runs pick cuda "
+                             "where available)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     stem = f"denoised-{device_label(device)}"
     previous = RESULTS / f"{stem}.json"
     payload = json.loads(previous.read_text()) if previous.is_file() else {}
@@ -277,7 +279,7 @@ def main(argv=None) -> None:
     payload["curves"] = curves()
     payload["comparison"] = compare_curves(payload["curves"])
     if args.part in ("cost", "all"):
-        payload["cost"] = diffusion_cost(args.samples, args.batch, args.repeats)
+        payload["cost"] = diffusion_cost(args.samples, args.batch, args.repeats, device)
     cost, ratio = payload.get("cost"), payload["comparison"].get("sequential_pass_ratio")
     if cost and ratio:
         best = max(cost["speedup_over_reference"], key=cost["speedup_over_reference"].get)

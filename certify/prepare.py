@@ -157,7 +157,7 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     if fields.get("sigma") is None and spec.denoiser is not None:
         fields = {**fields, "sigma": _denoiser_sigma(spec.denoiser, notes)}
     if fields.get("sigma") is None:
-        if not loaded.sigma:  # None, or 0 for a model trained without noise
+        if loaded.sigma is None:
             raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
                                 f"{spec.model} does not record the σ it was trained with")
         fields = {**fields, "sigma": float(loaded.sigma)}

@@ -36,19 +36,25 @@ For denoised smoothing two more assets (``--only clean denoiser``):
    WITHOUT noise (``certify train ... --sigma 0 --epochs 4``), the kind of classifier users
    hold;
 5. ``certify/assets/cifar10_dncnn_small_sigma0.25.pth.tar``: ancer's small DnCNN
-   (``cifar_dncnn_small``, 6 convolutions of 32 maps) trained by ``certify train-denoiser
-   --objective mse --sigma 0.25 --epochs 2 --batch-size 128`` (Adam, lr 1e-3, Salman et
-   al.'s defaults otherwise), written in Salman et al.'s ``{'arch', 'state_dict'}`` layout
-   without the optimizer state.
+   (``cifar_dncnn_small``, 6 convolutions of 32 maps), trained as Salman et al. recommend,
+   first by MSE (``certify train-denoiser --objective mse --sigma 0.25 --epochs 3
+   --batch-size 128``: Adam, lr 1e-3), then by the stability objective through the frozen
+   clean ResNet-20 (``--objective stability --classifier <clean> --init <mse> --lr 1e-4
+   --epochs 1``), written in Salman et al.'s ``{'arch', 'state_dict'}`` layout without
+   the optimizer state.
 
 They were made with, on the same 2-core CPU shared with other jobs (1 thread each, about
-an hour)::
+an hour and a half)::
 
-    python3 scripts/make_demo_assets.py --data DATA_DIR --work /tmp/ancer-demo \
-        --only clean denoiser --clean-epochs 4 --denoiser-epochs 2 --threads 1
+    python3 scripts/make_demo_assets.py --data DATA_DIR --work /tmp/ancer-demo \\
+        --only clean denoiser --clean-epochs 4 --denoiser-epochs 3 --stability-epochs 1 \\
+        --threads 1
 
-The step schedule of the denoiser does not depend on ``--epochs``, so its two epochs are
-those of any longer run; the clean ResNet-20's cosine schedule spans its 4 epochs.
+The step schedule of the denoiser does not depend on ``--epochs``, so its epochs are those
+of any longer run. The shipped clean ResNet-20 was cut short: its first epoch ran under
+``--clean-epochs 10`` and the run was resumed with ``--clean-epochs 4``, so that epoch's
+cosine learning rate went from 0.1 to 0.098 rather than to 0.085; a fresh run of the
+command above differs by that.
 """
 import argparse
 import tempfile
@@ -93,14 +99,23 @@ def train_model(train: Path, checkpoint: Path, sigma: float, epochs: int, thread
     return checkpoint
 
 
-def train_denoiser(train: Path, checkpoint: Path, epochs: int, threads: int) -> Path:
-    """Train (or resume) the small DnCNN by MSE at sigma = 0.25; its checkpoint."""
-    run_certify("train-denoiser", [
-        "--arch", "cifar_dncnn_small", "--dataset", "folder", "--data", str(train), "--preload",
-        "--sigma", "0.25", "--objective", "mse", "--epochs", str(epochs), "--batch-size", "128",
-        "--seed", "0", "--threads", str(threads), "--resume", "--out", str(checkpoint),
-    ])
-    return checkpoint
+def train_denoiser(train: Path, work: Path, classifier: Path, epochs: int, stability: int,
+                   threads: int) -> Path:
+    """Train (or resume) the small DnCNN at sigma = 0.25: by MSE, then by the stability
+    objective through ``classifier``; the final checkpoint."""
+    common = ["--arch", "cifar_dncnn_small", "--dataset", "folder", "--data", str(train),
+              "--preload", "--sigma", "0.25", "--batch-size", "128", "--seed", "0",
+              "--threads", str(threads), "--resume"]
+    mse = work / DENOISER.replace(".pth.tar", "_mse.pth.tar")
+    run_certify("train-denoiser", [*common, "--objective", "mse", "--epochs", str(epochs),
+                                   "--out", str(mse)])
+    if stability == 0:
+        return mse
+    final = work / DENOISER
+    run_certify("train-denoiser", [*common, "--objective", "stability", "--classifier",
+                                   str(classifier), "--init", str(mse), "--lr", "1e-4",
+                                   "--epochs", str(stability), "--out", str(final)])
+    return final
 
 
 def ship(checkpoint: Path, name: str, keys: tuple) -> None:
@@ -131,8 +146,10 @@ def main() -> None:
                         help="epochs of the noise-trained ResNet-20")
     parser.add_argument("--clean-epochs", type=int, default=4,
                         help="epochs of the ResNet-20 trained without noise")
-    parser.add_argument("--denoiser-epochs", type=int, default=2,
-                        help="epochs of the small DnCNN")
+    parser.add_argument("--denoiser-epochs", type=int, default=3,
+                        help="MSE epochs of the small DnCNN")
+    parser.add_argument("--stability-epochs", type=int, default=1,
+                        help="stability epochs of the small DnCNN after MSE (0: none)")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                         help="which models to make (default all; the test sample always)")
     parser.add_argument("--threads", type=int, default=2)
@@ -149,8 +166,8 @@ def main() -> None:
             ship(train_model(train, args.work / CLEAN, 0.0, args.clean_epochs, args.threads),
                  CLEAN, SHIPPED_KEYS)
         if "denoiser" in args.only:
-            ship(train_denoiser(train, args.work / DENOISER, args.denoiser_epochs, args.threads),
-                 DENOISER, DENOISER_KEYS)
+            ship(train_denoiser(train, args.work, ASSETS / CLEAN, args.denoiser_epochs,
+                                args.stability_epochs, args.threads), DENOISER, DENOISER_KEYS)
     write_sample(args.data)
 
 

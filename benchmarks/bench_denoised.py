@@ -28,7 +28,7 @@ seconds per forward sample of
 
 - the reference: Cohen et al.'s loop (``ancer.reference``: fp32, eager, ``x.repeat``);
 - the engine's defaults (fp32; on a CPU ``compile="auto"`` is off for this short timing);
-- the engine in bf16;
+- the engine in bf16 (and, with ``--compiled``, bf16 under ``torch.compile``);
 
 and their ratios. With the sequential pass ratio of the curves, the time per certified
 curve against the reference loop's fixed-n cost is the product of the two factors.
@@ -184,9 +184,11 @@ def _accuracy_on(run: str, images: int) -> List[float]:
     return [float(np.mean(correct & (radius >= r))) for r in RADII]
 
 
-def diffusion_cost(samples: int, batch: int, repeats: int, device: torch.device) -> Dict[str, object]:
+def diffusion_cost(samples: int, batch: int, repeats: int, device: torch.device,
+                   compiled: bool) -> Dict[str, object]:
     """Seconds per forward sample of one-shot diffusion + ResNet-20: the reference loop,
-    the engine's defaults and bf16, on one shipped image."""
+    the engine's defaults and bf16 (and bf16 compiled, with ``compiled``; the compile
+    itself is in the warm-up, not timed), on one shipped image."""
     import diffusers
 
     torch.manual_seed(0)
@@ -201,9 +203,12 @@ def diffusion_cost(samples: int, batch: int, repeats: int, device: torch.device)
     seconds = best_time(lambda: reference_sample_counts(composed, x, samples, SIGMA, 10, batch),
                         device, repeats)
     per_sample["reference"] = seconds / samples
-    for name, precision in (("engine_fp32", "fp32"), ("engine_bf16", "bf16")):
+    variants = [("engine_fp32", "fp32", "off"), ("engine_bf16", "bf16", "off")]
+    if compiled:
+        variants.append(("engine_bf16_compiled", "bf16", "on"))
+    for name, precision, compile_ in variants:
         config = CertifyConfig(sigma=SIGMA, n0=batch, n=samples - batch, batch=batch,
-                               precision=precision, compile="off")
+                               precision=precision, compile=compile_)
         engine = Certifier(classifier, config, 10, denoiser=denoiser, device=device)
         engine.certify(x)  # warm-up
         seconds = best_time(lambda: engine.certify(x), device, repeats)
@@ -259,6 +264,8 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=32, help="cost: draws per timing")
     parser.add_argument("--batch", type=int, default=16, help="cost: forward batch")
     parser.add_argument("--repeats", type=int, default=2, help="cost: timings, best kept")
+    parser.add_argument("--compiled", action="store_true",
+                        help="cost: also time the engine in bf16 with torch.compile")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the cost part runs (the curves' certify runs pick cuda "
@@ -279,7 +286,8 @@ def main(argv=None) -> None:
     payload["curves"] = curves()
     payload["comparison"] = compare_curves(payload["curves"])
     if args.part in ("cost", "all"):
-        payload["cost"] = diffusion_cost(args.samples, args.batch, args.repeats, device)
+        payload["cost"] = diffusion_cost(args.samples, args.batch, args.repeats, device,
+                                         args.compiled)
     cost, ratio = payload.get("cost"), payload["comparison"].get("sequential_pass_ratio")
     if cost and ratio:
         best = max(cost["speedup_over_reference"], key=cost["speedup_over_reference"].get)

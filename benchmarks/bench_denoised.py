@@ -86,11 +86,15 @@ RUNS = {
     "clean-dncnn": (CLEAN, ["--denoiser", str(DENOISER), *SEQUENTIAL]),
     "clean-dncnn-fixed": (CLEAN, ["--denoiser", str(DENOISER)]),
     "noise-trained": (CHECKPOINT, []),
+    "clean-dncnn-long": (CLEAN, ["--denoiser", str(DENOISER), *SEQUENTIAL]),
 }
+#: the budget n of each run: (b) also sequentially at n = 100,000, for its pass ratio there
+LONG_N = 100_000
+BUDGET = {run: (LONG_N if run == "clean-dncnn-long" else N) for run in RUNS}
 
 
 def results_path(run: str) -> Path:
-    return RESULTS / f"denoised-{run}-n{N}.tsv"
+    return RESULTS / f"denoised-{run.replace('-long', '')}-n{BUDGET[run]}.tsv"
 
 
 def reusable_fixed_run() -> Optional[dict]:
@@ -106,16 +110,17 @@ def reusable_fixed_run() -> Optional[dict]:
     return saved if same else None
 
 
-def certify_runs(runs: List[str], last: int, step: int, fixed_max: int) -> None:
+def certify_runs(runs: List[str], last: int, step: int, fixed_max: int, long_max: int) -> None:
     """Certify the first ``last`` images with every run, ``step`` more per round (the
-    fixed-n run of (b) up to ``fixed_max``)."""
+    fixed-n run of (b) up to ``fixed_max``, its n = 100,000 run up to ``long_max``)."""
     for stop in range(step, last + step, step):
         for run in runs:
             model, extra = RUNS[run]
-            limit = min(stop, last, fixed_max) if run == "clean-dncnn-fixed" else min(stop, last)
+            cap = {"clean-dncnn-fixed": fixed_max, "clean-dncnn-long": long_max}.get(run, last)
+            limit = min(stop, last, cap)
             if limit == 0 or results_path(run).is_file() and len(read_results(results_path(run))) >= limit:
                 continue
-            flags = ["--model", str(model), "--sigma", str(SIGMA), "--n0", str(N0), "--n", str(N),
+            flags = ["--model", str(model), "--sigma", str(SIGMA), "--n0", str(N0), "--n", str(BUDGET[run]),
                      "--alpha", str(ALPHA), "--max", str(limit), "--quiet",
                      "--out", str(results_path(run)), *extra]
             start = time.perf_counter()
@@ -164,6 +169,11 @@ def compare_curves(found: Dict[str, dict]) -> Dict[str, object]:
     if "clean-dncnn" in found:
         images = found["clean-dncnn"]["images"]
         summary["sequential_pass_ratio"] = (N0 + N) * images / found["clean-dncnn"]["forward_passes"]
+    if "clean-dncnn-long" in found:
+        images = found["clean-dncnn-long"]["images"]
+        summary["sequential_pass_ratio_n100000"] = (
+            (N0 + LONG_N) * images / found["clean-dncnn-long"]["forward_passes"])
+        summary["sequential_pass_ratio_n100000_images"] = images
     if "clean-dncnn" in found and "clean-dncnn-fixed" in found:
         images = min(found["clean-dncnn"]["images"], found["clean-dncnn-fixed"]["images"])
         summary["fixed_vs_sequential_images"] = images
@@ -255,6 +265,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max", type=int, default=100, help="images to certify (default 100)")
     parser.add_argument("--step", type=int, default=10,
                         help="images added to every run per round (default 10)")
+    parser.add_argument("--long-max", type=int, default=0,
+                        help="images of (b) certified sequentially at n = 100,000, for the "
+                             "pass ratio at that budget (default 0: none)")
     parser.add_argument("--fixed-max", type=int, default=0,
                         help="images of a fixed-n run of (b), to compare its curve with the "
                              "sequential one (default 0: none)")
@@ -282,7 +295,7 @@ def main(argv=None) -> None:
         runs = [r for r in args.runs.split(",") if r]
         if "noise-trained" in runs and reusable_fixed_run() is not None:
             runs.remove("noise-trained")
-        certify_runs(runs, args.max, args.step, args.fixed_max)
+        certify_runs(runs, args.max, args.step, args.fixed_max, args.long_max)
     payload["curves"] = curves()
     payload["comparison"] = compare_curves(payload["curves"])
     if args.part in ("cost", "all"):

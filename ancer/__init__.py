@@ -1,8 +1,9 @@
 """ancer: certified robustness by randomized smoothing, isotropic and anisotropic (ANCER).
 
-Cohen et al. 2019 (Gaussian, l2), Yang et al. 2020 (uniform, l1), Alfarra et al. 2022
-(ANCER: per-input anisotropic scales; data-dependent smoothing and memory-based
-certification). The math and its sources are in docs/design.md.
+Cohen et al. 2019 (Gaussian, l2), Yang et al. 2020 (uniform, l1), Alfarra et al. 2022 (DDRS:
+data-dependent smoothing and memory-based certification), Eiras et al. 2022 (ANCER:
+per-input anisotropic scales). The math is in docs/design.md, and its sources in that
+file's References.
 """
 from ancer.certificates import CrossPolytope, Ellipsoid, L1Ball, L2Ball, Region
 from ancer.data import load_dataset

@@ -46,9 +46,11 @@ from torch import nn
 
 from ancer.devices import model_dtypes
 from ancer.errors import ArgumentError
+from ancer.vocabulary import PRECISIONS as PRECISION_NAMES
 
-#: autocast dtypes of the supported precisions; "fp32" runs the model as it is
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: autocast dtypes of the supported precisions (``ancer.vocabulary.PRECISIONS``); "fp32"
+#: runs the model as it is
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16)))
 
 #: the dtype of every input the model is given: noisy inputs are drawn and formed in fp32
 INPUT_DTYPE = torch.float32

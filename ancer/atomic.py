@@ -15,10 +15,15 @@ import torch
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def write_atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over
-    ``path`` (``os.replace`` is atomic on POSIX); on any failure the temporary file is
-    removed and ``path`` is left as it was."""
+def write_atomically(path: PathLike, content: Union[str, bytes, Callable[[BinaryIO], Any]]) -> None:
+    """Write ``content`` (text, as UTF-8; bytes; or a function that writes to a binary file)
+    to a temporary file in ``path``'s folder, fsync it, then rename it over ``path``
+    (``os.replace`` is atomic on POSIX), so that readers see either the old file or the whole
+    new one; on any failure the temporary file is removed and ``path`` is left as it was."""
+    if isinstance(content, (str, bytes)):
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        return write_atomically(path, lambda handle: handle.write(data))
+    write = content
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -4,8 +4,8 @@ A certificate says that the smoothed classifier's prediction is constant on a re
 the input. Isotropic Gaussian smoothing certifies an l2 ball (Cohen et al. 2019, Thm 1),
 isotropic uniform smoothing an l1 ball (Yang et al. 2020); their anisotropic versions
 certify an axis-aligned ellipsoid {δ : ||δ / a||_2 <= 1} and a generalized cross-polytope
-{δ : ||δ / a||_1 <= 1} (ANCER, Alfarra et al. 2022, arXiv 2107.04570), where a holds the
-semi-axes. To compare regions of different shapes each reports
+{δ : ||δ / a||_1 <= 1} (ANCER, Eiras et al. 2022; see docs/design.md, References), where a
+holds the semi-axes. To compare regions of different shapes each reports
 
 - ``proxy_radius`` = min_i a_i, the radius of the largest l_p ball inside;
 - ``volume_radius`` = (Π a_i)^(1/d), the radius of the l_p ball of equal volume, computed as
@@ -159,7 +159,7 @@ class Region:
 
 class Ellipsoid(Region):
     """Axis-aligned ellipsoid {x : ||(x - center) / a||_2 <= 1}: what diagonal Gaussian
-    smoothing N(0, diag(θ)²) certifies, with a = θ Φ⁻¹(p_A) (ANCER, Alfarra et al. 2022)."""
+    smoothing N(0, diag(θ)²) certifies, with a = θ Φ⁻¹(p_A) (ANCER, Eiras et al. 2022)."""
 
     norm = "l2"
 
@@ -221,12 +221,12 @@ class _Ball:
 
 class L2Ball(_Ball, Ellipsoid):
     """l2 ball of radius R: what isotropic Gaussian smoothing certifies, R = σ Φ⁻¹(p_A)
-    (Cohen et al. 2019, Theorem 1)."""
+    (Cohen et al. 2019, Thm 1)."""
 
 
 class CrossPolytope(Region):
     """Generalized cross-polytope {x : ||(x - center) / a||_1 <= 1}: what per-dimension
-    uniform smoothing U[-λ_i, λ_i] certifies, with a = 2 λ (p_A - 1/2) (ANCER, Alfarra et
+    uniform smoothing U[-λ_i, λ_i] certifies, with a = 2 λ (p_A - 1/2) (ANCER, Eiras et
     al. 2022, generalizing Yang et al. 2020)."""
 
     norm = "l1"

@@ -3,17 +3,16 @@
     scales (fixed σ | DDRS σ(x) | ANCER θ(x))  →  CERTIFY (fixed n or sequential)  →  memory
 
 - **isotropic**: the fixed σ of the config (Cohen et al. 2019, l2; Yang et al. 2020, l1).
-- **dds**: one data-dependent σ(x) per input (Alfarra et al., "Data Dependent Randomized
-  Smoothing", UAI 2022), found by :func:`ancer.optimize.optimize_isotropic`.
-- **ancer**: per-dimension scales θ(x) (Alfarra et al., "ANCER: Anisotropic Certification via
-  Sample-wise Volume Maximization", TMLR 2022, arXiv 2107.04570), found by
+- **dds**: one data-dependent σ(x) per input (DDRS, Alfarra et al. 2022), found by
+  :func:`ancer.optimize.optimize_isotropic`.
+- **ancer**: per-dimension scales θ(x) (ANCER, Eiras et al. 2022), found by
   :func:`ancer.optimize.optimize_anisotropic`, started at the fixed σ or at DDRS's σ(x).
 
-CERTIFY is :meth:`ancer.smoothing.Smoothed.certify_batch` (Cohen et al. 2019, Alg. 1), with
+CERTIFY is :meth:`ancer.smoothing.Smoothed.certify_batch` (Cohen et al. 2019, §3.2.2), with
 fixed n or sequentially with group-sequential tests of the grid radii's thresholds
 (:mod:`ancer.sequential`).
 When the scales depend on the input, a certificate is sound only as the memory answers it
-(:class:`ancer.memory.Memory`, Alfarra et al. 2022, §3.5): the engine passes each input's own
+(:class:`ancer.memory.Memory`, Alfarra et al. 2022): the engine passes each input's own
 certificate through its memory, in the order the inputs are given, and returns the answer.
 
 Randomness: input ``idx`` draws its CERTIFY noise from ``input_generator(seed, idx)`` and its
@@ -48,14 +47,8 @@ from ancer.optimize import optimize_anisotropic, optimize_isotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Certificate, Smoothed
 from ancer.stats import check_alpha
-
-#: the methods, and those whose scales depend on the input (certified through the memory)
-METHODS = ("isotropic", "dds", "ancer")
-MEMORY_METHODS = frozenset({"dds", "ancer"})
-NORMS = ("l2", "l1")
-PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_CHOICES = ("auto", "on", "off")
-OUTPUTS = ("logits", "probabilities", "log_probabilities")
+from ancer.vocabulary import (COMPILE_CHOICES, METHODS, NORMS, OUTPUTS, PRECISIONS, THETA0,
+                              is_anisotropic, uses_memory)
 
 #: the optimizers' defaults (the authors'): iterations, learning rate, samples per step, κ
 OPTIMIZER_DEFAULTS = {
@@ -73,23 +66,25 @@ ProgressCallback = Callable[[int], None]
 
 
 def _fail(field: str, problem: str, fix: str) -> ArgumentError:
-    return ArgumentError(f"CertifyConfig.{field}: {problem}; {fix}")
+    """The error of config field ``field``; in ``fix``, ``{name}`` is field ``name`` given."""
+    return ArgumentError.of_field("CertifyConfig", field, problem, fix)
 
 
 def _positive_number(field: str, value: Any, example: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise _fail(field, f"{value!r} is not a number", f"give a number > 0, e.g. {example}") from None
+        raise _fail(field, f"{value!r} is not a number",
+                    f"give a number > 0, e.g. {{{field}}}{example}") from None
     if not math.isfinite(number) or number <= 0:
-        raise _fail(field, f"{value!r} is not > 0", f"give a number > 0, e.g. {example}")
+        raise _fail(field, f"{value!r} is not > 0", f"give a number > 0, e.g. {{{field}}}{example}")
     return number
 
 
 def _count(field: str, value: Any, example: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
             or value < minimum:
-        raise _fail(field, f"{value!r} is not an integer >= {minimum}", f"e.g. {example}")
+        raise _fail(field, f"{value!r} is not an integer >= {minimum}", f"e.g. {{{field}}}{example}")
     return int(value)
 
 
@@ -143,53 +138,53 @@ class CertifyConfig:
 
     def __post_init__(self) -> None:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        put("sigma", _positive_number("sigma", self.sigma, "sigma=0.25"))
+        put("sigma", _positive_number("sigma", self.sigma, "0.25"))
         _choice("norm", self.norm, NORMS)
         _choice("method", self.method, METHODS)
-        _choice("theta0", self.theta0, ("sigma", "dds"))
+        _choice("theta0", self.theta0, THETA0)
         if self.theta0 == "dds" and self.method != "ancer":
-            raise _fail("theta0", "'dds' is ancer's starting point", "use it with method='ancer'")
-        put("n0", _count("n0", self.n0, "n0=100"))
-        put("n", _count("n", self.n, "n=100000"))
+            raise _fail("theta0", "'dds' is ancer's starting point", "use it with {method}'ancer'")
+        put("n0", _count("n0", self.n0, "100"))
+        put("n", _count("n", self.n, "100000"))
         try:
             put("alpha", check_alpha(self.alpha))
         except ArgumentError:
-            raise _fail("alpha", f"{self.alpha!r} is not in (0, 1)", "e.g. alpha=0.001") from None
+            raise _fail("alpha", f"{self.alpha!r} is not in (0, 1)", "e.g. {alpha}0.001") from None
         put("sequential", bool(self.sequential))
         put("radii", self._checked_radii())
         for name, example in (("opt_iterations", "100"), ("opt_samples", "100")):
             if getattr(self, name) is not None:
-                put(name, _count(name, getattr(self, name), f"{name}={example}"))
+                put(name, _count(name, getattr(self, name), example))
         for name, example in (("opt_lr", "0.04"), ("kappa", "2.0")):
             if getattr(self, name) is not None:
-                put(name, _positive_number(name, getattr(self, name), f"{name}={example}"))
+                put(name, _positive_number(name, getattr(self, name), example))
         if self.method == "isotropic" and any(getattr(self, name) is not None for name in
                                               ("opt_iterations", "opt_lr", "opt_samples", "kappa")):
             raise _fail("method", "optimizer options were given for the isotropic method, "
-                        "which optimizes nothing", "use method='dds' or 'ancer', or drop them")
+                        "which optimizes nothing", "use {method}'dds' or 'ancer', or drop them")
         if self.method == "dds" and self.kappa is not None:
-            raise _fail("kappa", "κ weighs ancer's proxy-radius term", "drop it for method='dds'")
-        put("batch", _count("batch", self.batch, "batch=1000"))
+            raise _fail("kappa", "κ weighs ancer's proxy-radius term", "drop it for {method}'dds'")
+        put("batch", _count("batch", self.batch, "1000"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("compile", self.compile, COMPILE_CHOICES)
         put("cuda_graphs", bool(self.cuda_graphs))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise _fail("seed", f"{self.seed!r} is not an integer", "e.g. seed=0")
+            raise _fail("seed", f"{self.seed!r} is not an integer", "e.g. {seed}0")
 
     def _checked_radii(self) -> Tuple[float, ...]:
         if not self.sequential:
             if self.radii:
                 raise _fail("radii", "radii only steer sequential certification",
-                            "pass sequential=True, or drop radii")
+                            "pass {sequential}True, or drop radii")
             return ()
         try:
             radii = tuple(float(r) for r in self.radii)
         except (TypeError, ValueError):
             raise _fail("radii", f"{self.radii!r} is not a list of numbers",
-                        "e.g. radii=(0.25, 0.5, 0.75)") from None
+                        "e.g. {radii}(0.25, 0.5, 0.75)") from None
         if not radii:
             raise _fail("radii", "sequential certification needs the radii it decides",
-                        "e.g. radii=(0.25, 0.5, 0.75)")
+                        "e.g. {radii}(0.25, 0.5, 0.75)")
         if any(not math.isfinite(r) or r <= 0 for r in radii):
             raise _fail("radii", f"{radii} holds a radius that is not > 0", "give radii > 0")
         if any(b <= a for a, b in zip(radii, radii[1:])):
@@ -199,7 +194,12 @@ class CertifyConfig:
     @property
     def uses_memory(self) -> bool:
         """Whether the scales depend on the input (dds, ancer), so the memory must answer."""
-        return self.method in MEMORY_METHODS
+        return uses_memory(self.method)
+
+    @property
+    def anisotropic(self) -> bool:
+        """Whether the scales are per dimension (ancer), so that regions are anisotropic."""
+        return is_anisotropic(self.method)
 
     def optimizer(self, method: str) -> dict:
         """The options of ``method``'s optimizer ("dds" or "ancer"): the config's where
@@ -228,6 +228,15 @@ def _warn_if_probabilities(model: nn.Module, xs: torch.Tensor, outputs: str) -> 
         warnings.warn("the model's outputs are nonnegative and sum to 1, like probabilities, but "
                       "outputs='logits' was given: the scale optimizer would apply a softmax "
                       "twice; pass outputs='probabilities'", stacklevel=3)
+
+
+def _input_channels(model: nn.Module) -> Optional[int]:
+    """The channels an image model takes: its first 2-d convolution's input channels (a
+    TorchScript module's too); None without one (then inputs are not checked for shape)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) or getattr(module, "original_name", None) == "Conv2d":
+            return int(module.in_channels)
+    return None
 
 
 class Certifier:
@@ -275,16 +284,21 @@ class Certifier:
         self.outputs = outputs
         self.config = config
         self.noise: Noise = noise_for_norm(config.norm, config.sigma)
+        if config.sequential:
+            top = self.noise.max_radius(config.n, config.alpha, sequential=True)
+            if config.radii[0] > top:
+                raise _fail("radii", f"no radius in {','.join(map(str, config.radii))} can be "
+                            "certified", f"the largest with {{n}}{config.n} at {{alpha}}"
+                            f"{config.alpha:g} is {top:.3f}: give smaller radii or a larger n")
         self.compiled = self._resolve_compile(device, model, planned_samples)
         self.smoothed = Smoothed(model, self.noise, num_classes, precision=config.precision,
                                  device=device, compile=self.compiled,
                                  cuda_graphs=config.cuda_graphs)
-        if memory is not None and memory.norm != config.norm:
-            raise ArgumentError(f"the memory holds {memory.norm} regions but the config certifies "
-                                f"{config.norm}: pass a memory of this norm, or none")
-        self.memory: Optional[Memory] = (memory if memory is not None else Memory(config.norm)) \
-            if config.uses_memory else None
+        self._memory: Optional[Memory] = Memory(config.norm) if config.uses_memory else None
+        if memory is not None:
+            self.use_memory(memory)
         self._checked_outputs = False
+        self._channels = _input_channels(model)
 
     def _resolve_compile(self, device: Optional[Union[str, torch.device]], model: nn.Module,
                          planned_samples: Optional[int]) -> Union[bool, str]:
@@ -309,49 +323,57 @@ class Certifier:
     def num_classes(self) -> int:
         return self.smoothed.num_classes
 
+    @property
+    def memory(self) -> Optional[Memory]:
+        """The memory that answers this engine's certificates (dds, ancer; None otherwise)."""
+        return self._memory
+
+    def use_memory(self, memory: Memory) -> None:
+        """Continue ``memory`` (an earlier run's, e.g. :meth:`Memory.load`ed on resume) from
+        now on, in place of this engine's own."""
+        if not self.config.uses_memory:
+            raise ArgumentError(f"method {self.config.method!r} uses no memory; pass none")
+        if memory.norm != self.config.norm:
+            raise ArgumentError(f"the memory holds {memory.norm} regions but the config certifies "
+                                f"{self.config.norm}: pass a memory of this norm, or none")
+        self._memory = memory
+
     # -- the protocol --------------------------------------------------------------------
     def certify(self, x: torch.Tensor, idx: int = 0,
                 progress: Optional[ProgressCallback] = None) -> Certificate:
         """The final certificate of one input ``x`` (C×H×W) with dataset index ``idx``."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise ArgumentError(f"x must be one input tensor (e.g. C×H×W), got {type(x).__name__}")
+        self._check_input(x, batch=False)
         return self.certify_batch(x.unsqueeze(0), [idx], progress=progress)[0]
 
     def certify_batch(self, xs: torch.Tensor, indices: Optional[Sequence[int]] = None,
-                      progress: Optional[ProgressCallback] = None) -> List[Certificate]:
+                      progress: Optional[ProgressCallback] = None, *,
+                      raw: bool = False) -> List[Certificate]:
         """The final certificates of the inputs ``xs`` (B×C×H×W), their noise samples packed
         into shared forward batches; ``indices`` (default 0..B−1) seed each input's noise.
-        For dds and ancer each certificate is the memory's answer, in the order given."""
-        indices = self._indices(xs, indices)
-        own = self.own_certificates(xs, indices, progress)
-        if self.memory is None:
-            return own
-        return [self.answer(x, certificate, idx) for x, certificate, idx in zip(xs, own, indices)]
+        For dds and ancer each certificate is the memory's answer, in the order given.
 
-    def own_certificates(self, xs: torch.Tensor, indices: Sequence[int],
-                         progress: Optional[ProgressCallback] = None) -> List[Certificate]:
-        """Each input's own certificate with its own scales, before the memory. For dds and
-        ancer this is not sound alone: pass it through :meth:`answer` (a sharded run keeps
-        these raw and replays the memory over all inputs at the merge)."""
+        ``raw=True`` returns each input's own certificate, before the memory: for dds and
+        ancer not sound alone. A shard of a run, which sees only its own inputs, keeps them
+        so, and the merge answers them all in index order (:func:`ancer.memory.replay`)."""
+        self._check_input(xs, batch=True)
         indices = self._indices(xs, indices)
         noises, thetas0 = self.scales(xs, indices)
         generators = [input_generator(self.config.seed, idx, self.device) for idx in indices]
         config = self.config
-        sequential = {"sequential": True, "radii": config.radii} if config.sequential else {}
-        certificates = self.smoothed.certify_batch(
+        own = self.smoothed.certify_batch(
             xs, config.n0, config.n, config.alpha, config.batch, generators=generators,
-            noises=noises, progress=progress, **sequential)
-        if thetas0 is None:
-            return certificates
-        return [dataclasses.replace(c, start_sigma=float(t)) for c, t in zip(certificates, thetas0)]
+            noises=noises, progress=progress, sequential=config.sequential, radii=config.radii)
+        if thetas0 is not None:
+            own = [dataclasses.replace(c, start_sigma=float(t)) for c, t in zip(own, thetas0)]
+        if self._memory is None or raw:
+            return own
+        return [self._answer(x, certificate, idx) for x, certificate, idx in zip(xs, own, indices)]
 
-    def answer(self, x: torch.Tensor, certificate: Certificate, idx: int) -> Certificate:
+    def _answer(self, x: torch.Tensor, certificate: Certificate, idx: int) -> Certificate:
         """The memory's answer to input ``x``'s own ``certificate``: the same certificate with
         the answered class and region, and ``memory`` saying what was done (kept, shrunk,
         overridden, abstained). The memory keeps the answered region for later inputs."""
-        if self.memory is None:
-            return certificate
-        outcome = self.memory.certify(x, certificate.label, certificate.region, key=int(idx))
+        outcome = self._memory.certify(x, certificate.label, certificate.region, key=int(idx))
         return dataclasses.replace(certificate, label=int(outcome.label), region=outcome.region,
                                    memory=outcome)
 
@@ -387,19 +409,56 @@ class Certifier:
         return [self.noise.with_sigma(theta) for theta in thetas], sigmas
 
     def settings(self) -> dict:
-        """The config as plain data, and under ``evaluation`` how the base classifier is
-        evaluated (precision, batch-norm folding, compile, ...), for results files."""
-        settings = dataclasses.asdict(self.config)
-        settings["radii"] = list(self.config.radii)
-        settings["evaluation"] = self.smoothed.settings()
-        settings["denoiser"] = self.denoiser
-        return settings
+        """What determines this engine's certificates, as plain data for results files: the
+        smoothing (norm, method, σ and for l1 the half-width λ, the optimizer's options),
+        CERTIFY's n0, n, alpha and sequential radii, and how the base classifier is
+        evaluated (batch, precision, batch-norm folding, seed), and the denoiser in front of
+        it (``denoiser``: path, kind, hash, σ, diffusion timestep; None without one). Settings
+        that change speed
+        only (compile, CUDA graphs) are not among them."""
+        config = self.config
+        optimizer = None
+        if config.uses_memory:
+            optimizer = {**config.optimizer(config.method),
+                         "theta0": config.theta0 if config.method == "ancer" else None}
+        return {
+            "norm": config.norm, "method": config.method, "sigma": config.sigma,
+            "half_width": self.noise.half_width_of(config.sigma), "n0": config.n0, "n": config.n,
+            "alpha": config.alpha, "batch": config.batch, "sequential": config.sequential,
+            "radii": list(config.radii), "precision": config.precision, "seed": config.seed,
+            "fold_bn": self.smoothed.settings()["fold_bn"], "optimizer": optimizer,
+            "denoiser": self.denoiser,
+        }
+
+    def _check_input(self, xs: Any, batch: bool) -> None:
+        """One clear error, naming the wanted shape and range, for an input the model cannot
+        take: not a float tensor of pixels, one dimension too many or too few (an input where
+        a batch is wanted, or the reverse), or channels last."""
+        method = "certify_batch" if batch else "certify"
+        wanted = f"{'B×' if batch else ''}{self._channels or 'C'}×H×W"
+        if not isinstance(xs, torch.Tensor):
+            raise ArgumentError(f"{method} takes a tensor of shape {wanted}, got "
+                                f"{type(xs).__name__}")
+        if not xs.is_floating_point():
+            raise ArgumentError(f"{method}: the input has dtype {xs.dtype}, but the model takes "
+                                f"float pixels in [0, 1] of shape {wanted}: convert it, e.g. "
+                                "x.float() / 255 for 8-bit images")
+        shape = tuple(xs.shape)
+        dims = (4 if batch else 3) if self._channels else None
+        if dims is not None and len(shape) == dims + (-1 if batch else 1):
+            fix = "pass x[None], or use certify(x)" if batch else "pass x[0], or use certify_batch"
+            raise ArgumentError(f"{method} takes {wanted}, got shape {shape}: {fix}")
+        if dims is not None and len(shape) == dims and shape[-3] != self._channels:
+            fix = (": it looks like channels last (H×W×C); pass x.permute(2, 0, 1)"
+                   if not batch else ": it looks like channels last (B×H×W×C); pass "
+                   "xs.permute(0, 3, 1, 2)") if shape[-1] == self._channels else ""
+            raise ArgumentError(f"{method} takes {wanted} (pixels in [0, 1], {self._channels} "
+                                f"channels first), got shape {shape}{fix}")
+        if len(shape) < (2 if batch else 1):
+            raise ArgumentError(f"{method} takes {wanted}, got shape {shape}")
 
     @staticmethod
     def _indices(xs: torch.Tensor, indices: Optional[Sequence[int]]) -> List[int]:
-        if not isinstance(xs, torch.Tensor) or xs.dim() < 2:
-            raise ArgumentError("xs must be a batch tensor of shape (B, C, H, W); for one input "
-                                "use certify(x, idx)")
         if indices is None:
             return list(range(len(xs)))
         indices = [int(i) for i in indices]

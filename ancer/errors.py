@@ -3,6 +3,9 @@
 Every error caused by bad input is raised as one of these, with a message that names the
 problem and the fix, so that the command line can print it in one line.
 """
+from __future__ import annotations
+
+from typing import Callable, Optional
 
 
 class AncerError(Exception):
@@ -10,7 +13,40 @@ class AncerError(Exception):
 
 
 class ArgumentError(AncerError, ValueError):
-    """An argument is out of its domain (sigma <= 0, alpha outside (0, 1), a bad shape...)."""
+    """An argument is out of its domain (sigma <= 0, alpha outside (0, 1), a bad shape...).
+
+    An error about one field of a configuration carries its name in ``field``, and its text
+    as a template in which every field is a placeholder, so that an application can name
+    the fields as its users spell them (:meth:`spelled`; e.g. command-line flags). ``str``
+    names them as the configuration's class ``owner`` does: ``CertifyConfig.n0: ...;
+    e.g. n0=100``."""
+
+    def __init__(self, message: str, *, field: Optional[str] = None, owner: str = "",
+                 template: Optional[str] = None) -> None:
+        self.field = field
+        self._template = template
+        super().__init__(message if template is None else self._render(
+            lambda name: f"{owner}.{name}" if owner else name, lambda name: f"{name}="))
+
+    @classmethod
+    def of_field(cls, owner: str, field: str, problem: str, fix: str) -> "ArgumentError":
+        """The error of ``owner``'s ``field`` (of a function's argument when ``owner`` is
+        ""): ``problem`` (plain text) and ``fix``, in which ``{name}`` stands for "give field
+        ``name`` the value that follows" (``name=``)."""
+        template = "{}: " + problem.replace("{", "{{").replace("}", "}}") + "; " + fix
+        return cls("", field=field, owner=owner, template=template)
+
+    def spelled(self, subject: Callable[[str], str], assign: Callable[[str], str]) -> str:
+        """The message with the field at fault named ``subject(field)`` and each field in
+        the fix ``assign(name)`` (e.g. ``--n0`` and ``--n0 ``); the plain text without a
+        field."""
+        return str(self) if self._template is None else self._render(subject, assign)
+
+    def _render(self, subject: Callable[[str], str], assign: Callable[[str], str]) -> str:
+        class Spelling(dict):
+            def __missing__(self, name: str) -> str:
+                return assign(name)
+        return self._template.replace("{}", subject(self.field), 1).format_map(Spelling())
 
 
 class CheckpointError(AncerError):

@@ -2,9 +2,9 @@
 
 When the noise scale θ(x) is chosen per input (DDRS, ANCER), the classifier that is certified
 at x, g_θ(x), changes with x: two certified regions of different classes may overlap, and
-then no single classifier agrees with both. Alfarra, Bibi, Torr & Ghanem, "Data Dependent
-Randomized Smoothing" (UAI 2022, §3.5) restore soundness with a memory, and ANCER (Alfarra et
-al. 2022, arXiv 2107.04570) uses it for anisotropic regions. Inputs are certified in a fixed
+then no single classifier agrees with both. DDRS (Alfarra et al. 2022; see docs/design.md,
+References) restores soundness with a memory, and ANCER (Eiras et al. 2022) uses it for
+anisotropic regions. Inputs are certified in a fixed
 order; the memory keeps (x_i, region_i, class_i) for every input answered with a region, and
 defines the classifier G that is actually certified:
 
@@ -55,7 +55,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -65,14 +65,15 @@ from ancer.certificates import L1Ball, L2Ball, Region, make_region
 from ancer.atomic import save_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
+from ancer.noise import Noise
+from ancer.stats import certifies
+from ancer.vocabulary import ABSTAINED, KEPT, MEMORY_ACTIONS, NORMS, OVERRIDDEN, SHRUNK
 
 #: relative margin of every separation decision, taken on the side of intersection
 MARGIN = 1e-9
 
 #: bisection steps for the scale factors (2^-50 of the starting interval)
 BISECTION_STEPS = 50
-
-KEPT, SHRUNK, OVERRIDDEN, ABSTAINED = "kept", "shrunk", "overridden", "abstained"
 
 Key = Optional[Union[int, str]]
 
@@ -195,13 +196,15 @@ class MemoryOutcome:
     the ``action`` taken (kept, shrunk, overridden, abstained), ``factor`` (the answered
     region's scale relative to the input's own certified region: 1 kept, s < 1 shrunk; for
     an override relative to the shape it copies) and ``source`` (the memory index of the
-    region that decided an override)."""
+    region that decided an override, and ``source_key`` that region's key, e.g. the
+    dataset index of the input that decided)."""
 
     label: int
     region: Optional[Region]
     action: str
     factor: float
     source: Optional[int] = None
+    source_key: Key = None
 
     @property
     def abstained(self) -> bool:
@@ -223,6 +226,16 @@ class MemoryOutcome:
     @property
     def log_volume(self) -> float:
         return -math.inf if self.region is None else self.region.log_volume
+
+    @property
+    def summary(self) -> str:
+        """The answer in one word, as results files record it: ``kept``, ``shrunk:<factor>``,
+        ``override:<key of the deciding input>`` or ``abstain``."""
+        if self.action == SHRUNK:
+            return f"shrunk:{self.factor!r}"
+        if self.action == OVERRIDDEN:
+            return f"override:{self.source_key}"
+        return "abstain" if self.action == ABSTAINED else KEPT
 
 
 def _centered_at(region: Region, center: torch.Tensor) -> Region:
@@ -253,8 +266,8 @@ class Memory:
     VERSION = 1
 
     def __init__(self, norm: str) -> None:
-        if norm not in ("l2", "l1"):
-            raise ArgumentError(f"norm must be 'l2' or 'l1', got {norm!r}")
+        if norm not in NORMS:
+            raise ArgumentError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
         self.norm = norm
         self.regions: List[Region] = []
         self.labels: List[int] = []
@@ -303,7 +316,8 @@ class Memory:
             factor = largest_inside_scale(stored, x, template.semi_axes)
             answer = _rescaled(template, factor)
             if best is None or answer.log_volume > best.region.log_volume:
-                best = MemoryOutcome(self.labels[j], answer, OVERRIDDEN, factor, source=j)
+                best = MemoryOutcome(self.labels[j], answer, OVERRIDDEN, factor, source=j,
+                                     source_key=self.keys[j])
         return best
 
     def _shrink(self, label: int, region: Region) -> MemoryOutcome:
@@ -379,6 +393,13 @@ class Memory:
         """The counters and the number of stored regions."""
         return {**self.counts, "stored": len(self)}
 
+    @staticmethod
+    def describe(report: Dict[str, int]) -> str:
+        """A :meth:`report` in one line."""
+        counts = ", ".join(f"{report[name]} {name}" for name in MEMORY_ACTIONS)
+        return (f"memory: {report['inputs']} inputs: {counts} ({report['exact_tests']} exact "
+                f"tests, {report['stored']} regions stored)")
+
     def save(self, path: Union[str, Path]) -> None:
         """Write the memory to ``path`` atomically (a temporary file in the same folder, then
         ``os.replace``), so a crash never leaves a half-written memory."""
@@ -416,3 +437,52 @@ class Memory:
         memory.processed = list(state["processed"])
         memory.counts = dict(state["counts"])
         return memory
+
+
+# -- a run certified without its memory: the memory's pass made afterwards -------------------
+@dataclass(frozen=True)
+class OwnCertificate:
+    """An input's own certificate as a run that skipped the memory records it (the shards of
+    a sharded run): ``key`` (the input's place in the certification order, e.g. its dataset
+    index), the input ``x``, its ``label`` (or ABSTAIN), the lower bound ``p_lower`` and the
+    ``noise`` it was certified with (its own scales). ``radius``, the proxy radius recorded
+    with it, checks that noise, input and bound are the certificate's."""
+
+    key: int
+    x: torch.Tensor
+    label: int
+    p_lower: float
+    noise: Noise
+    radius: float
+
+    def region(self) -> Optional[Region]:
+        """The certified region, rebuilt as CERTIFY built it: ``noise.region(x, p_lower)``
+        (None on abstention); ResultsError when it is not the recorded one."""
+        if self.label == ABSTAIN:
+            return None
+        if not certifies(self.p_lower):
+            raise ResultsError(f"idx {self.key}: class {self.label} with p_lower "
+                               f"{self.p_lower!r} <= 1/2 is not a certificate: the row is "
+                               "corrupt; certify it again")
+        region = self.noise.region(self.x, self.p_lower)
+        if region.proxy_radius != self.radius:
+            raise ResultsError(f"idx {self.key}: its scales give radius {region.proxy_radius!r}, "
+                               f"its row {self.radius!r}: the scales or settings belong to "
+                               "another run; merge only the files of one run")
+        return region
+
+
+def replay(norm: str, certificates: List[OwnCertificate]
+           ) -> Tuple["Memory", List[MemoryOutcome]]:
+    """The memory's pass over own certificates made without it, in key order: (the memory
+    after the pass, each certificate's :class:`MemoryOutcome` in key order).
+
+    ``Noise.region`` is the function CERTIFY itself calls, so from the same input, bound and
+    scales it rebuilds the same region bit for bit; the memory, given the same certificates
+    in the same order, answers as it does in a run that certifies the inputs one after
+    another in that order (:meth:`ancer.engine.Certifier.certify_batch`). This is how the
+    shards of a data-dependent run are answered when they are merged."""
+    memory = Memory(norm)
+    ordered = sorted(certificates, key=lambda certificate: certificate.key)
+    outcomes = [memory.certify(c.x, c.label, c.region(), key=c.key) for c in ordered]
+    return memory, outcomes

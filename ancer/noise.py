@@ -6,7 +6,7 @@ certifies from a lower bound p_A on the top class's probability.
 
 ``sigma`` is the noise's standard deviation for both families. For uniform noise the
 half-width is λ = √3·σ (Yang et al.'s convention); ANCER's scripts use λ = σ/√3 instead, so
-``describe()`` records both σ and λ. A scale is a float (isotropic) or a tensor that
+results files record both σ and λ. A scale is a float (isotropic) or a tensor that
 broadcasts to the input's C×H×W (anisotropic: one scale per dimension).
 
 A noise owns its scales: a tensor is copied on construction (float32, on the CPU), and the
@@ -25,6 +25,8 @@ from scipy.stats import norm as standard_normal
 
 from ancer.certificates import Region, make_region
 from ancer.errors import ArgumentError
+from ancer.sequential import max_certifiable_probability
+from ancer.stats import certifies, check_alpha, check_count
 
 Scale = Union[float, torch.Tensor]
 
@@ -149,7 +151,7 @@ class Noise(ABC):
         """The region certified around ``center`` when the top class has probability at
         least ``p_lower`` > 1/2 under this noise: semi-axes scale·R(p_lower), with the very
         scale the noise is sampled with."""
-        if not p_lower > 0.5:
+        if not certifies(p_lower):
             raise ArgumentError(f"a region is certified only for p_lower > 1/2, got {p_lower}")
         factor = self.radius_factor(p_lower)
         if self.isotropic:
@@ -172,16 +174,18 @@ class Noise(ABC):
             p = math.nextafter(p, 2.0)
         return p
 
-    def describe(self) -> dict:
-        """Plain-data description for results files: family, norm, σ and λ (isotropic), or
-        their summary statistics (anisotropic)."""
-        if self.isotropic:
-            return {"family": self.family, "norm": self.norm, "sigma": self.sigma,
-                    "half_width": self.half_width_of(self.sigma)}
-        sigma = self.sigma
-        return {"family": self.family, "norm": self.norm, "sigma": "anisotropic",
-                "sigma_min": float(sigma.min()), "sigma_mean": float(sigma.mean()),
-                "sigma_max": float(sigma.max())}
+    def max_radius(self, n: int, alpha: float, sequential: bool = False) -> float:
+        """The largest proxy radius CERTIFY can certify with ``n`` estimation draws at level
+        ``alpha``, reached when every draw votes for one class: fixed n, p_A = alpha^(1/n)
+        (the one-sided Clopper-Pearson bound of n successes in n); sequential, the largest
+        threshold its tests can pass (:func:`ancer.sequential.max_certifiable_probability`);
+        0.0 when no p_A > 1/2 is reachable."""
+        if sequential:
+            best = max_certifiable_probability(n, alpha)
+        else:
+            best = math.exp(math.log(check_alpha(alpha)) / check_count("n", n))
+        smallest = self._scale if self.isotropic else float(self._scale.min())
+        return smallest * self.radius_factor(best) if certifies(best) else 0.0
 
     def half_width_of(self, sigma: float) -> Optional[float]:
         """The half-width λ of the uniform distribution with this σ; None for other noises."""
@@ -261,6 +265,8 @@ class Uniform(Noise):
 
 
 NOISES = {"l2": Gaussian, "l1": Uniform}
+#: The same noises by family name ("gaussian", "uniform"), as training names them.
+FAMILIES = {cls.family: cls for cls in NOISES.values()}
 
 
 def noise_for_norm(norm: str, sigma: Scale) -> Noise:

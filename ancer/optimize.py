@@ -13,13 +13,12 @@ Gaussian (l2), ε ~ N(0, I), and the half-width λ = √3·σ of the uniform U[�
 and move θ in between, so the learning rate, the objective's scale and the projection are
 the authors' (in half-width units for l1).
 
-- **DDRS** (Alfarra, Bibi, Torr & Ghanem, "Data Dependent Randomized Smoothing", UAI 2022,
-  as in the authors' ddsmoothing-python 1.0): one scalar θ per input; plain gradient ascent
+- **DDRS** (Alfarra et al. 2022, as in the authors' ddsmoothing-python 1.0; see
+  docs/design.md, References): one scalar θ per input; plain gradient ascent
   θ ← θ + lr·∂R/∂θ on the radius estimate R(θ) = θ/2·gap(θ) (l2) or θ·gap(θ) (l1), which is
   Cohen et al.'s σΦ⁻¹(p_A) or Yang et al.'s 2λ(p_A − 1/2) when p2 = 1 − p1.
-- **ANCER** (Alfarra, Bibi, Khan, Torr & Ghanem, "ANCER: Anisotropic Certification via
-  Sample-wise Volume Maximization", TMLR 2022, arXiv 2107.04570, as in the authors'
-  ancer-python 1.0.0): one θ_i per input dimension, initialized at the isotropic θ_iso; Adam
+- **ANCER** (Eiras et al. 2022, as in the authors' ancer-python 1.0.0): one θ_i per input
+  dimension, initialized at the isotropic θ_iso; Adam
   maximizes gap(θ)·(Π θ_i)^(1/d) + κ·gap(θ)·min_i θ_i, the geometric mean taken as
   exp(mean(log θ)); after every step θ ← max(θ, θ_iso) elementwise, so the region contains
   the isotropic one (at equal p_A).
@@ -33,9 +32,9 @@ gradient accumulates in them) and the model runs in eval mode; both are restored
 Any scales are sound to certify with: the certificate's math holds for every θ, so the
 parametrization of the search changes only how good the scales are. A certificate computed
 with scales that depend on x is sound only together with the memory-based check of
-``ancer.memory`` (DDRS §3.5). The optimizer's noise is drawn from generators keyed apart from
-the certification's (``derive_seed(seed, "optimize", idx)``), so that CERTIFY's estimate of
-p_A stays independent of the draws that chose θ.
+``ancer.memory`` (Alfarra et al. 2022). The optimizer's noise is drawn from generators keyed
+apart from the certification's (``derive_seed(seed, "optimize", idx)``), so that CERTIFY's
+estimate of p_A stays independent of the draws that chose θ.
 """
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ OUTPUTS = ("logits", "probabilities", "log_probabilities")
 #: the clamp of the top-two probabilities before Φ⁻¹ in the l2 gap (the authors' released code)
 PROBABILITY_CLAMP = (0.001, 0.999)
 
-#: the factor c of DDRS's radius estimate c·θ·gap(θ): 1/2 for l2, 1 for l1 (DDRS §3)
+#: the factor c of DDRS's radius estimate c·θ·gap(θ): 1/2 for l2, 1 for l1 (Alfarra et al. 2022)
 RADIUS_FACTORS = {"l2": 0.5, "l1": 1.0}
 
 Scale = Union[float, torch.Tensor]
@@ -92,7 +91,7 @@ class OptimizedScales:
 def proxy_gap(probabilities: torch.Tensor, norm: str) -> torch.Tensor:
     """gap = Φ⁻¹(p1) − Φ⁻¹(p2) (l2; p clamped to [0.001, 0.999]) or p1 − p2 (l1), where p1,
     p2 are the two largest entries of each row of ``probabilities`` (B, classes). The top two
-    are taken by sorting, so the gradient flows through p1 and p2 (ANCER, Alfarra et al.)."""
+    are taken by sorting, so the gradient flows through p1 and p2 (ANCER, Eiras et al. 2022)."""
     top = torch.topk(probabilities, 2, dim=1).values
     if norm == "l2":
         top = torch.special.ndtri(top.clamp(*PROBABILITY_CLAMP))
@@ -106,13 +105,13 @@ def to_theta(sigma: Scale, norm: str) -> Scale:
 
 
 def isotropic_objective(theta: torch.Tensor, gap: torch.Tensor, norm: str) -> torch.Tensor:
-    """DDRS (Alfarra et al., UAI 2022, §3): the radius estimate R = θ/2·gap (l2, θ = σ) or
+    """DDRS (Alfarra et al. 2022): the radius estimate R = θ/2·gap (l2, θ = σ) or
     R = θ·gap (l1, θ = λ the half-width) per input (θ of shape (B,))."""
     return RADIUS_FACTORS[norm] * theta * gap
 
 
 def anisotropic_objective(theta: torch.Tensor, gap: torch.Tensor, kappa: float = 2.0) -> torch.Tensor:
-    """ANCER (Alfarra et al., TMLR 2022, §4): gap·exp(mean(log θ)) + κ·gap·min_i θ_i per input
+    """ANCER (Eiras et al. 2022): gap·exp(mean(log θ)) + κ·gap·min_i θ_i per input
     (θ of shape (B, *input_shape): σ_i for l2, the half-widths λ_i for l1), the volume radius
     of the region plus κ times its proxy radius, up to the factor that turns the gap into R;
     the gap enters without DDRS's 1/2, as in the authors' code."""
@@ -139,7 +138,7 @@ def optimize_isotropic(
     generators: Optional[Sequence[torch.Generator]] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> OptimizedScales:
-    """Data-dependent isotropic scale per input (DDRS, Alfarra et al., UAI 2022, §3).
+    """Data-dependent isotropic scale per input (DDRS, Alfarra et al. 2022).
 
     In the authors' parameter θ (θ = σ for l2; θ = λ = √3·σ, the uniform half-width, for l1),
     plain gradient ascent on the radius estimate R(θ) = θ/2·gap(θ) (l2) or θ·gap(θ) (l1):
@@ -198,7 +197,7 @@ def optimize_anisotropic(
     generators: Optional[Sequence[torch.Generator]] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> OptimizedScales:
-    """ANCER (Alfarra et al., TMLR 2022, arXiv 2107.04570, §4): per-dimension scales per input.
+    """ANCER (Eiras et al. 2022): per-dimension scales per input.
 
     ``theta0`` is the isotropic standard deviation σ_iso to start from (a float, or one per
     input (B,), e.g. ``optimize_isotropic(...).sigma``). The search runs in the authors'
@@ -306,7 +305,7 @@ class _Problem:
         if not isinstance(model, nn.Module):
             raise ArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if norm not in NOISES:
-            raise ArgumentError(f"norm must be 'l2' or 'l1', got {norm!r}")
+            raise ArgumentError(f"norm must be one of {', '.join(map(repr, NOISES))}, got {norm!r}")
         if outputs not in OUTPUTS:
             raise ArgumentError(
                 f"outputs must be one of {OUTPUTS}, got {outputs!r}: say whether the model returns "

@@ -1,6 +1,6 @@
 """Sequential CERTIFY: group-sequential tests of p_A against the radii's thresholds.
 
-Fixed-n CERTIFY (Cohen, Rosenfeld & Kolter 2019) draws n estimation samples for every input and
+Fixed-n CERTIFY (Cohen et al. 2019) draws n estimation samples for every input and
 reports the one-sided Clopper-Pearson lower bound on p_A. Most inputs are decided long before n:
 an input with p_A = 1 passes the top radius of a grid after a few thousand draws, and one with
 p_A < 1/2 abstains after a few hundred. Stopping as soon as the certified grid level is decided
@@ -13,22 +13,20 @@ at all), level k is the claim p_A > t_k. The hypotheses H_k: p_A <= t_k are nest
 implies H_{k+1} true), so testing them in order, each at the full level alpha, and claiming the
 highest k whose test and all lower ones rejected, is wrong with probability at most alpha: a
 wrong claim means that the test of the first true hypothesis rejected (fixed-sequence testing
-of nested hypotheses; Maurer, Hothorn & Lehmacher 1995). No union bound over the grid is paid.
+of nested hypotheses; Maurer et al. 1995). No union bound over the grid is paid.
 
 Group-sequential test of H: p <= t. Estimation draws arrive in rounds whose cumulative sizes
 n_1 < ... < n_J = n (the looks) are fixed in advance by the budget n, ``first_round`` and
 ``growth``, never by the data. After look j the test rejects if the successes S_j reach the
 boundary c_j(t). The boundaries spend alpha along the looks with the error-spending function
-alpha (n_j / n)^rho of Lan & DeMets (1983, "Discrete sequential boundaries for clinical
-trials", Biometrika 70) in the power family of Kim & DeMets (1987): c_j is the smallest count
-with P_t(S_1 < c_1, ..., S_{j-1} < c_{j-1}, S_j >= c_j) <= alpha (n_j/n)^rho minus what earlier
-looks spent, computed exactly by recursion over the binomial law of S_j on the paths not yet
-stopped (Jennison & Turnbull 2000, "Group Sequential Methods with Applications to Clinical
-Trials", ch. 12, exact calculations for binary data). Since the rejection probability of each
-look grows with p, P_p(reject) <= alpha for every p <= t. Stopping earlier than n_J, for any
-reason, only removes chances to reject, so the test keeps its level whatever the stopping rule
-(futility stops are "non-binding"); a rejection at any look is final, so the level reached is
-the highest the input has passed at any look.
+alpha (n_j / n)^rho of Lan & DeMets 1983, in the power family of Kim & DeMets 1987: c_j is the
+smallest count with P_t(S_1 < c_1, ..., S_{j-1} < c_{j-1}, S_j >= c_j) <= alpha (n_j/n)^rho
+minus what earlier looks spent, computed exactly by recursion over the binomial law of S_j on
+the paths not yet stopped (exact calculations for binary data; Jennison & Turnbull 2000). Since
+the rejection probability of each look grows with p, P_p(reject) <= alpha for every p <= t.
+Stopping earlier than n_J, for any reason, only removes chances to reject, so the test keeps
+its level whatever the stopping rule (futility stops are "non-binding"); a rejection at any
+look is final, so the level reached is the highest the input has passed at any look.
 
 The power rho = 1/2 spends alpha early enough that an input with p_A = 1 passes Φ(3) (radius
 3σ) at alpha = 0.001 after 6,185 draws (5,114 for a fixed-n Clopper-Pearson test that knew
@@ -49,11 +47,10 @@ beta-binomial law of the remaining draws) that S_n reaches that level's final bo
 ``futility``. Futility only decides when to stop drawing, never what is claimed, so it moves
 cost and certified accuracy but not soundness.
 
-Voracek (2024, "Treatment of Statistical Estimation Problems in Randomized Smoothing") and
-Cullen, Montague & Rubinstein (2026, "Halt Fast! Early Stopping for Certified Robustness") study
-sequential estimation for randomized smoothing in the same spirit, with confidence sequences
-and e-processes, which are valid at arbitrary (also data-dependent) look times; fixed looks
-allow the exact binomial boundaries above, which are sharper.
+Voráček 2024 and Cullen et al. 2026 (see docs/design.md, References) study sequential
+estimation for randomized smoothing in the same spirit, with confidence sequences and
+e-processes, which are valid at arbitrary (also data-dependent) look times; fixed looks allow
+the exact binomial boundaries above, which are sharper.
 """
 from __future__ import annotations
 
@@ -62,7 +59,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import fftconvolve
 from scipy.stats import betabinom, binom
 
 from ancer.errors import ArgumentError
@@ -71,12 +67,16 @@ from ancer.stats import check_alpha, check_count
 #: t_0: the claim p_A > PREDICTION_LEVEL is a prediction (the float just above 1/2).
 PREDICTION_LEVEL = math.nextafter(0.5, 1.0)
 
-# Relative margin on every look's alpha share: it covers the floating-point error of the FFT
-# convolutions (about 1e-15 of the total mass), so the computed boundaries are conservative.
+# Relative margin on every look's alpha share. Every probability below is a sum of
+# nonnegative terms (binomial masses, their direct convolutions and tail sums), computed to a
+# relative error of about (terms) x 1e-16 whatever its size, so this margin keeps the computed
+# boundaries conservative at any alpha. (An FFT convolution errs by about 1e-16 of the total
+# mass instead, which exceeds this margin once alpha is below about 1e-6.)
 _MARGIN = 1e-9
-# Binomial increments are evaluated within this many standard deviations of their mean; the
-# mass outside is bounded exactly (binom.cdf / binom.sf) and counted as if it rejected.
-_WINDOW_SDS = 40.0
+# Mass neglected at each look, as a fraction of alpha: binomial increments are evaluated where
+# their tails exceed it, and the far left of the law of S_j is dropped up to it; both are
+# bounded exactly and counted as if they rejected, which keeps the boundaries conservative.
+_NEGLIGIBLE = 1e-13
 
 
 def look_times(budget: int, first_round: int, growth: float) -> tuple[int, ...]:
@@ -104,18 +104,18 @@ def rejection_boundaries(
     is the law of S_j on the paths not yet rejected.
     """
     budget = looks[-1]
+    negligible = alpha * _NEGLIGIBLE
     offset, mass = 0, np.ones(1)  # mass[i] = P(S_j = offset + i, not rejected before)
     spent, previous, boundaries = 0.0, 0, []
     for look in looks:
         draws = look - previous
         previous = look
-        sd = math.sqrt(draws * threshold * (1.0 - threshold))
-        low = max(0, math.floor(draws * threshold - _WINDOW_SDS * sd) - 1)
-        high = min(draws, math.ceil(draws * threshold + _WINDOW_SDS * sd) + 1)
+        low = max(0, int(binom.ppf(negligible, draws, threshold)))
+        high = min(draws, int(binom.isf(negligible, draws, threshold)) + 1)
         increment = binom.pmf(np.arange(low, high + 1), draws, threshold)
         outside = float(binom.cdf(low - 1, draws, threshold) + binom.sf(high, draws, threshold))
         spent += outside * float(mass.sum())  # counted as rejected: conservative
-        mass = np.clip(fftconvolve(mass, increment), 0.0, None)
+        mass = np.convolve(mass, increment)  # direct: each entry to a relative rounding error
         offset += low
         allowed = alpha * (look / budget) ** spending_power * (1.0 - _MARGIN) - spent
         tails = np.cumsum(mass[::-1])[::-1]  # tails[i] = P(S_j >= offset + i, not rejected)
@@ -124,11 +124,11 @@ def rejection_boundaries(
         boundaries.append(min(offset + cut, look + 1))
         spent += float(tails[cut]) if cut < len(mass) else 0.0
         mass = mass[:cut]
-        kept = np.flatnonzero(mass > 1e-300)  # drop the far left tail, counted as rejected
-        if len(kept):
-            spent += float(mass[: kept[0]].sum())
-            offset += int(kept[0])
-            mass = mass[kept[0]:]
+        dropped = int(np.searchsorted(np.cumsum(mass), negligible, side="right"))
+        if dropped:  # the far left tail, counted as rejected
+            spent += float(mass[:dropped].sum())
+            offset += dropped
+            mass = mass[dropped:]
     return tuple(boundaries), spent
 
 

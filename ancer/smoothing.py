@@ -1,7 +1,7 @@
 """The smoothed classifier g(x) = argmax_c P(f(x + ε) = c): PREDICT and CERTIFY.
 
-Follows Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness via Randomized
-Smoothing" (ICML 2019), Algorithms 1 and 2 and their ``code/core.py``:
+Follows the pseudocode of Cohen et al. 2019, §3.2 (see docs/design.md, References), and their
+``code/core.py``:
 
 CERTIFY(f, σ, x, n0, n, α)
     counts0 ← SAMPLEUNDERNOISE(f, x, n0, σ);  ĉ_A ← top index in counts0
@@ -13,9 +13,9 @@ PREDICT(f, σ, x, n, α)
     counts ← SAMPLEUNDERNOISE(f, x, n, σ);  n_A, n_B ← the top two counts
     if BINOMPVALUE(n_A, n_A + n_B, 0.5) <= α: return ĉ_A; else ABSTAIN
 
-The region is an l2 ball for isotropic Gaussian noise (Cohen et al.), an l1 ball for uniform
-noise (Yang et al. 2020), and an ellipsoid or generalized cross-polytope for per-dimension
-scales (ANCER, Alfarra et al. 2022).
+The region is an l2 ball for isotropic Gaussian noise (Cohen et al. 2019), an l1 ball for
+uniform noise (Yang et al. 2020), and an ellipsoid or generalized cross-polytope for
+per-dimension scales (ANCER, Eiras et al. 2022).
 
 SAMPLEUNDERNOISE here draws noise on the model's device straight into one reused buffer,
 packs the samples of several inputs into one forward batch, counts votes on the device, and
@@ -48,7 +48,9 @@ from ancer.folding import count_batchnorm, fold_batchnorm
 from ancer.labels import ABSTAIN
 from ancer.noise import Noise
 from ancer.sequential import PREDICTION_LEVEL, SequentialPlan
-from ancer.stats import check_alpha, check_count, clopper_pearson_lower, predict_decides
+from ancer.stats import (certifies, check_alpha, check_count, clopper_pearson_lower,
+                         predict_decides)
+from ancer.vocabulary import CLOPPER_PEARSON, GROUP_SEQUENTIAL
 
 if TYPE_CHECKING:
     from ancer.memory import MemoryOutcome
@@ -73,8 +75,8 @@ class Certificate:
     sampling again). ``precision`` names how the base classifier was evaluated ("fp32",
     "bf16" or "fp16"): the certificate is about the model as evaluated in that precision.
     ``samples`` is the number of forward passes spent on this input (n0 + n for fixed-n
-    CERTIFY); ``memory`` what memory-based certification answered for it (Alfarra et al.,
-    "Data Dependent Randomized Smoothing", UAI 2022, §3.5), None unless a memory was used;
+    CERTIFY); ``memory`` what memory-based certification answered for it (DDRS,
+    Alfarra et al. 2022), None unless a memory was used;
     ``start_sigma`` the isotropic σ that per-dimension scales were optimized from (ANCER's
     θ_iso), None otherwise.
     """
@@ -91,13 +93,25 @@ class Certificate:
     precision: str
     noise: Noise = field(repr=False)
     samples: int
-    bound: str = "clopper-pearson"
+    bound: str = CLOPPER_PEARSON
     memory: Optional["MemoryOutcome"] = None
     start_sigma: Optional[float] = None
 
     @property
     def abstained(self) -> bool:
         return self.label == ABSTAIN
+
+    @property
+    def selected(self) -> int:
+        """The class selected from the n0 selection draws (ĉ_A), whose estimation votes
+        ``p_lower`` bounds; it is ``label`` unless CERTIFY (or the memory) abstained."""
+        return int(np.argmax(self.selection_counts))
+
+    @property
+    def anisotropic(self) -> bool:
+        """Whether the noise has one scale per dimension (ANCER), so that the region is an
+        ellipsoid or a cross-polytope rather than a ball."""
+        return not self.noise.isotropic
 
     @property
     def radius(self) -> float:
@@ -255,7 +269,7 @@ class Smoothed:
         batch_size: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> int:
-        """PREDICT (Cohen et al. 2019, Alg. 2): the top class of ``n`` noisy votes if the
+        """PREDICT (Cohen et al. 2019, §3.2.1): the top class of ``n`` noisy votes if the
         two-sided binomial test of n_A against n_A + n_B at p = 1/2 rejects at level
         ``alpha``, else ``ABSTAIN``. Wrong with probability at most alpha."""
         alpha = check_alpha(alpha)
@@ -274,12 +288,16 @@ class Smoothed:
         generator: Optional[torch.Generator] = None,
         noise: Optional[Noise] = None,
         progress: Optional[ProgressCallback] = None,
+        sequential: bool = False,
+        radii: Sequence[float] = (),
     ) -> Certificate:
-        """CERTIFY (Cohen et al. 2019, Alg. 1) for one input ``x``; ``noise`` overrides the
-        smoothing noise for this input (e.g. per-input scales from an optimizer)."""
+        """CERTIFY (Cohen et al. 2019, §3.2.2) for one input ``x``; ``noise`` overrides the
+        smoothing noise for this input (e.g. per-input scales from an optimizer);
+        ``sequential`` and ``radii`` as in :meth:`certify_batch`."""
         return self.certify_batch(
             self._one_input(x), n0, n, alpha, batch_size,
             generators=[generator], noises=[noise or self.noise], progress=progress,
+            sequential=sequential, radii=radii,
         )[0]
 
     def certify_batch(
@@ -330,7 +348,7 @@ class Smoothed:
                       for i, c in enumerate(candidates)]
         certificates = []
         for i, (noise, candidate, p_lower) in enumerate(zip(noises, candidates, bounds)):
-            certified = p_lower > 0.5
+            certified = certifies(p_lower)
             certificates.append(Certificate(
                 label=candidate if certified else ABSTAIN,
                 p_lower=p_lower,
@@ -342,7 +360,7 @@ class Smoothed:
                 precision=self.precision,
                 noise=noise,
                 samples=n0 + trials[i],
-                bound="group-sequential" if sequential else "clopper-pearson",
+                bound=GROUP_SEQUENTIAL if sequential else CLOPPER_PEARSON,
             ))
         return certificates
 

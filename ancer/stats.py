@@ -2,8 +2,8 @@
 
 The smoothed classifier g(x) = argmax_c P(f(x + eps) = c) is only known through counts of
 the base classifier's votes; these functions turn counts into statements that hold with
-probability at least 1 - alpha (Cohen, Rosenfeld & Kolter, "Certified Adversarial Robustness
-via Randomized Smoothing", ICML 2019, Algorithms 1 and 2). Pure NumPy/SciPy: no torch here.
+probability at least 1 - alpha (Cohen et al. 2019, §3.2; see docs/design.md, References).
+Pure NumPy/SciPy: no torch here.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
 
 def predict_test_pvalue(count_a: int, count_b: int) -> float:
     """Two-sided binomial-test p-value of ``count_a`` successes in ``count_a + count_b``
-    trials at p = 1/2 (Cohen et al. 2019, Algorithm 2, PREDICT). 1.0 when both are 0."""
+    trials at p = 1/2 (PREDICT, Cohen et al. 2019, §3.2.1). 1.0 when both are 0."""
     count_a = check_count("count_a", count_a, minimum=0)
     count_b = check_count("count_b", count_b, minimum=0)
     if count_a + count_b == 0:
@@ -85,5 +85,11 @@ def predict_test_pvalue(count_a: int, count_b: int) -> float:
 def predict_decides(count_a: int, count_b: int, alpha: float) -> bool:
     """PREDICT answers the top class iff its binomial test against the runner-up rejects
     p = 1/2 at level alpha; it is then wrong with probability at most alpha (Cohen et al.
-    2019, Theorem 2 / Algorithm 2)."""
+    2019, Prop. 1)."""
     return predict_test_pvalue(count_a, count_b) <= check_alpha(alpha)
+
+
+def certifies(p_lower: float) -> bool:
+    """CERTIFY answers its selected class iff the lower bound on its probability exceeds
+    1/2 (Cohen et al. 2019, Algorithm 1): then no other class can have more; else it abstains."""
+    return p_lower > 0.5

@@ -3,8 +3,8 @@
 A smoothed classifier is only as good as its base classifier's accuracy under the
 smoothing noise, so the base classifier is trained on noisy inputs:
 
-- **Gaussian data augmentation** (Cohen et al. 2019, "Certified adversarial robustness via
-  randomized smoothing", §4 and locuslab/smoothing ``code/train.py``): each training input
+- **Gaussian data augmentation** (Cohen et al. 2019, §3.3, and locuslab/smoothing
+  ``code/train.py``; see docs/design.md, References): each training input
   becomes x + ε, ε ~ N(0, σ² I), added in [0, 1] pixel space (the model normalizes
   inside), with the cross-entropy loss;
 - **uniform-noise augmentation** for l1 certificates (Yang et al. 2020, "Randomized
@@ -194,7 +194,7 @@ def noisy_loss(
 
     With ``consistency == 0``: cross-entropy of ``model(x + ε)`` (Gaussian data
     augmentation, Cohen et al. 2019; uniform, Yang et al. 2020). Otherwise two copies
-    x + ε₁, x + ε₂ and (Jeong & Shin 2020, Eq. 5 without the entropy term)
+    x + ε₁, x + ε₂ and (Jeong & Shin 2020, without the entropy term)
     ``mean_i CE(f(x + ε_i), y) + consistency · mean_i KL(p̄ ‖ p_i)`` with p_i the softmax of
     copy i and p̄ their mean.
 

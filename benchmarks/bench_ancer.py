@@ -38,6 +38,7 @@ from common import (best_time, build_model, default_device, device_label,  # noq
                     environment, markdown_table, write_results)
 from ancer import Gaussian, Smoothed, Uniform  # noqa: E402
 from ancer.optimize import certify_with_scales, optimize_anisotropic  # noqa: E402
+from ancer.vocabulary import NORMS  # noqa: E402
 from ancer.seeding import input_generator  # noqa: E402
 
 #: the paper's settings, which the ratios are projected to
@@ -82,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="ANCER iterations (default 100)")
     parser.add_argument("--samples", type=int, default=100, help="noise samples per step (default 100)")
     parser.add_argument("--max-batch", type=int, default=1000, help="rows per optimizer forward (default 1000)")
-    parser.add_argument("--norm", choices=("l2", "l1"), default="l2")
+    parser.add_argument("--norm", choices=NORMS, default="l2")
     parser.add_argument("--sigma", type=float, default=0.25, help="isotropic starting scale (default 0.25)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="of the optimizer and of CERTIFY (default fp32)")

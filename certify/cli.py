@@ -13,16 +13,26 @@ exit status 2 (usage) or 1 (any other ancer error); no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ancer.engine import OPTIMIZER_DEFAULTS, CertifyConfig
 from ancer.errors import AncerError, ArgumentError
-from certify import demo, distributed, jobs, merge, replay, report, results
+from ancer.vocabulary import COMPILE_CHOICES, DEFAULT_RADII_IN_SIGMAS, METHODS, NORMS, PRECISIONS, THETA0
+from ancer.memory import Memory
+from certify import demo, distributed, jobs, merge, report, results
+from certify.prepare import GROUP_SAMPLES
 from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _radii, _shard
 
 PROG = "certify"
+#: the defaults of a run: the engine's config's
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(CertifyConfig)
+            if f.default is not dataclasses.MISSING}
+#: the engine's config fields, each the ``dest`` of its flag
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CertifyConfig))
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 #: the shell's status for a process ended by SIGINT (128 + 2)
@@ -35,7 +45,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Certify a classifier's robustness by randomized smoothing over a test "
                     "set, one TSV row per input (Cohen et al. 2019; Yang et al. 2020; ANCER, "
-                    "Alfarra et al. 2022). Rerunning the same command resumes the run.",
+                    "Eiras et al. 2022). Rerunning the same command resumes the run.",
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
                "'certify merge --out RESULTS.tsv' (join shard files), "
                "'certify train ...' (train a base classifier), "
@@ -67,6 +77,9 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--max", type=_positive_int, metavar="N",
                       help="stop before dataset index N, as Cohen et al.'s certify.py does: "
                            "with --skip K that is about N/K inputs (default: all)")
+    what.add_argument("--any-classes", action="store_true",
+                      help="certify even if the model's number of classes differs from the "
+                           "dataset's (say so only if the labels are the model's class indices)")
     what.add_argument("--demo", action="store_true",
                       help="certify the small model and images shipped in the package, then report")
 
@@ -75,18 +88,19 @@ def run_parser() -> argparse.ArgumentParser:
                        help="noise standard deviation (uniform noise: half-width sqrt(3)*S); "
                             "required unless the checkpoint records the sigma it was trained "
                             "with (then that one is used, and the run says so)")
-    noise.add_argument("--norm", choices=("l2", "l1"), default="l2",
-                       help="threat model: l2 (Gaussian noise) or l1 (uniform noise); default l2")
-    noise.add_argument("--method", choices=("isotropic", "dds", "ancer"), default="isotropic",
+    noise.add_argument("--norm", choices=NORMS, default=DEFAULTS["norm"],
+                       help="threat model: l2 (Gaussian noise) or l1 (uniform noise); "
+                            "default %(default)s")
+    noise.add_argument("--method", choices=METHODS, default=DEFAULTS["method"],
                        help="fixed isotropic noise, data-dependent isotropic sigma (dds), or "
-                            "per-input anisotropic scales (ancer); default isotropic")
-    noise.add_argument("--n0", type=_positive_int, default=100,
-                       help="noise samples to select the class (default 100)")
-    noise.add_argument("--n", "--num-samples", type=_positive_int, default=100_000, dest="n",
-                       help="noise samples to bound its probability (default 100000); under "
+                            "per-input anisotropic scales (ancer); default %(default)s")
+    noise.add_argument("--n0", type=_positive_int, default=DEFAULTS["n0"],
+                       help="noise samples to select the class (default %(default)s)")
+    noise.add_argument("--n", "--num-samples", type=_positive_int, default=DEFAULTS["n"], dest="n",
+                       help="noise samples to bound its probability (default %(default)s); under "
                             "torchrun write --num-samples, as torchrun reads --n as its own")
-    noise.add_argument("--alpha", type=_probability, default=0.001,
-                       help="failure probability of each certificate (default 0.001)")
+    noise.add_argument("--alpha", type=_probability, default=DEFAULTS["alpha"],
+                       help="failure probability of each certificate (default %(default)s)")
     noise.add_argument("--sequential", action="store_true",
                        help="sequential CERTIFY: draw the n samples in growing rounds and stop "
                             "each input once its certified level on the --radii grid is "
@@ -96,46 +110,53 @@ def run_parser() -> argparse.ArgumentParser:
                             "the certified radius is the grid radius passed")
     noise.add_argument("--radii", type=_radii, metavar="R1,R2,...",
                        help="--sequential: the increasing radii whose certification decides "
-                            "when an input stops (default: sigma, 2*sigma, 3*sigma)")
+                            "when an input stops (default: "
+                            f"{', '.join(f'{k}*sigma' if k != 1 else 'sigma' for k in DEFAULT_RADII_IN_SIGMAS)})")
 
     optimizer = parser.add_argument_group("scale optimizer (--method dds or ancer)")
+    ancer, dds = OPTIMIZER_DEFAULTS["ancer"], OPTIMIZER_DEFAULTS["dds"]
     optimizer.add_argument("--opt-iterations", type=_positive_int, metavar="T",
-                           help="optimizer steps per input (default: the method's, 100 for ancer)")
+                           help="optimizer steps per input (default: the method's, "
+                                f"{ancer['iterations']} for ancer, {dds['iterations']} for dds)")
     optimizer.add_argument("--opt-lr", type=_positive_float, metavar="LR",
-                           help="optimizer learning rate (default: the method's, 0.04 for ancer, "
-                                "1e-4 for dds), in the units the authors' optimizers move: σ for "
-                                "l2, the uniform half-width λ = √3σ for l1")
+                           help=f"optimizer learning rate (default: the method's, {ancer['lr']:g} "
+                                f"for ancer, {dds['lr']:g} for dds), in the units the authors' "
+                                "optimizers move: σ for l2, the uniform half-width λ = √3σ for l1")
     optimizer.add_argument("--opt-samples", type=_positive_int, metavar="M",
                            help="noise samples per optimizer step (default: the method's, "
-                                "100 for ancer)")
-    optimizer.add_argument("--theta0", choices=("sigma", "dds"), default="sigma",
+                                f"{ancer['samples']} for ancer, {dds['samples']} for dds)")
+    optimizer.add_argument("--theta0", choices=THETA0, default=DEFAULTS["theta0"],
                            help="ancer: start from the fixed --sigma or from a data-dependent "
-                                "sigma (DDRS, default options); default sigma")
+                                "sigma (DDRS, default options); default %(default)s")
     optimizer.add_argument("--kappa", type=_positive_float, metavar="K",
-                           help="ancer: weight of the proxy-radius term (default 2)")
+                           help=f"ancer: weight of the proxy-radius term (default {ancer['kappa']:g})")
 
     compute = parser.add_argument_group("computation")
-    compute.add_argument("--batch", type=_positive_int, default=1000,
-                         help="forward batch size, noise samples per model call (default 1000)")
-    compute.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    compute.add_argument("--batch", type=_positive_int, default=DEFAULTS["batch"],
+                         help="forward batch size, noise samples per model call (default "
+                              "%(default)s)")
+    compute.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
                          help="evaluate the model in this precision (CERTIFY, and the dds/ancer "
                               "scale search); the certificate is about the model as evaluated "
-                              "(default fp32)")
-    compute.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                              "(default %(default)s)")
+    compute.add_argument("--compile", choices=COMPILE_CHOICES, default=DEFAULTS["compile"],
                          help="torch.compile the model: auto = on CUDA, and on a CPU when the run "
                               "plans enough forward passes to repay compiling; a model that "
-                              "fails to compile runs eagerly, with a warning (default auto)")
+                              "fails to compile runs eagerly, with a warning (default %(default)s)")
     compute.add_argument("--cuda-graphs", action="store_true",
                          help="CUDA: replay each full forward batch from a recorded CUDA "
                               "graph (less launch overhead; ignored, with a warning, on the CPU)")
     compute.add_argument("--device", type=_device,
                          help="cpu, cuda or cuda:N (default: cuda if available)")
-    compute.add_argument("--seed", type=_int, default=0,
+    compute.add_argument("--seed", type=_int, default=DEFAULTS["seed"],
                          help="random seed; each input's noise derives from (seed, idx), so "
-                              "a row does not depend on shard or resume (default 0)")
+                              "a row does not depend on shard or resume (default %(default)s)")
     compute.add_argument("--inputs-per-batch", type=_positive_int, metavar="B",
                          help="inputs certified together, their samples sharing forward "
-                              "batches (default: batch // n0, at least 1)")
+                              "batches, their rows written together (default: batch // n0, "
+                              "fewer when their n0 + n draws exceed "
+                              f"{GROUP_SAMPLES:,}, so that rows land every few minutes; "
+                              "at least 1)")
     compute.add_argument("--shard", type=_shard, metavar="I/K",
                          help="certify only shard I of K (0-based), written to "
                               "<out>.shardIofK.tsv; merge with 'certify merge' (for dds and "
@@ -146,7 +167,10 @@ def run_parser() -> argparse.ArgumentParser:
     output.add_argument("--out", default="results.tsv", metavar="TSV",
                         help="results file, resumed if it exists (default results.tsv); "
                              "settings go to its .json sidecar")
-    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    output.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    output.add_argument("--progress-every", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="when stderr is not a terminal (nohup, a batch job, 2>log): a plain "
+                             "progress line every SECONDS (default %(default)g)")
     return parser
 
 
@@ -215,7 +239,7 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged {result.rows} rows from {len(result.inputs)} files into {result.out}"
           + (f" ({result.collapsed} duplicate rows collapsed)" if result.collapsed else ""))
     if result.memory is not None:
-        print(replay.describe(result.memory))
+        print(Memory.describe(result.memory))
     return 0
 
 
@@ -235,28 +259,27 @@ def _warn_dropped(dropped: Iterable[tuple[Path, str]]) -> None:
 
 def run_spec(args: argparse.Namespace) -> tuple[jobs.RunSpec, dict]:
     """The parsed flags of a run as the job's files and selection, and the engine's config
-    fields (``sigma`` None when not given: the job takes the checkpoint's)."""
+    fields: each flag's ``dest`` is its field's name (``sigma`` None when not given: the job
+    takes the checkpoint's)."""
     if args.model is None:
         raise ArgumentError("give the base classifier with --model CKPT "
                             "(or try --demo, which uses the shipped one)")
     if args.radii is not None and not args.sequential:
         raise ArgumentError("--radii steers --sequential certification: add --sequential, "
                             "or drop --radii")
-    spec = jobs.RunSpec(
-        model=args.model, denoiser=args.denoiser, out=Path(args.out), data=args.data,
-        dataset=args.dataset,
-        synsets=args.synsets, skip=args.skip, max=args.max, device=args.device,
-        inputs_per_batch=args.inputs_per_batch, shard=args.shard, quiet=args.quiet)
-    fields = {
-        "sigma": args.sigma, "norm": args.norm, "method": args.method, "theta0": args.theta0,
-        "n0": args.n0, "n": args.n, "alpha": args.alpha, "sequential": args.sequential,
-        "radii": None if args.radii is None else tuple(args.radii),
-        "opt_iterations": args.opt_iterations, "opt_lr": args.opt_lr,
-        "opt_samples": args.opt_samples, "kappa": args.kappa, "batch": args.batch,
-        "precision": args.precision, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
-        "seed": args.seed,
-    }
-    return spec, fields
+    spec = jobs.RunSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(jobs.RunSpec)})
+    return spec, {name: getattr(args, name) for name in CONFIG_FIELDS}
+
+
+def flag_of(parser: argparse.ArgumentParser | None, argv: Sequence[str], field: str) -> str:
+    """How the command line spells config field ``field``: the flag whose ``dest`` it is, as
+    given in ``argv`` when given (``--num-samples`` for ``--n``), else its first spelling;
+    the field's name when no flag sets it."""
+    for action in parser._actions if parser is not None else ():
+        if action.dest == field and action.option_strings:
+            given = [flag for flag in action.option_strings if flag in argv]
+            return (given or action.option_strings)[0]
+    return field
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -294,7 +317,7 @@ def _print_memory_report(out: Path) -> None:
     """The memory's report of a data-dependent run (kept in its sidecar's info)."""
     sidecar = results.read_sidecar(out)
     if sidecar is not None and "memory" in sidecar.info:
-        print(replay.describe(sidecar.info["memory"]))
+        print(Memory.describe(sidecar.info["memory"]))
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -333,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_parser, command = SUBCOMMANDS[argv.pop(0)]
     else:
         make_parser, command = run_parser, _run
+    parser = None
     try:
         parser = make_parser()
         if command is _run and "--demo" in argv:
@@ -341,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     except ArgumentError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        flag = lambda field: flag_of(parser, argv, field)  # noqa: E731
+        message = error.spelled(flag, lambda field: f"{flag(field)} ")
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except jobs.Interrupted as interrupted:
         print(f"{PROG}: {interrupted}", file=sys.stderr)

@@ -11,7 +11,6 @@ every shipped image).
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -52,10 +51,7 @@ def configure(args: argparse.Namespace) -> Optional[Path]:
 
 def explanation(norm: str, sigma: float, n: int, alpha: float) -> str:
     """Two lines on what the report's numbers mean and how they grow with n."""
-    noise = noise_for_norm(norm, sigma)
-
-    def largest(samples: int) -> float:  # every vote for one class: p_A = alpha^(1/n)
-        return noise.scale * noise.radius_factor(math.exp(math.log(alpha) / samples))
+    largest = lambda samples: noise_for_norm(norm, sigma).max_radius(samples, alpha)  # noqa: E731
     return (f"Certified accuracy @ r: the fraction of images classified correctly with a "
             f"guarantee (probability >= {1 - alpha:g}) that no {norm} perturbation of norm < r "
             "changes the smoothed prediction.\n"

@@ -1,28 +1,19 @@
 """A certification run over a dataset: resumable, sharded, locked, one TSV row per input.
 
 The per-input protocol (scales, CERTIFY, memory) is the library's engine,
-:class:`ancer.engine.Certifier`; this module only drives it over a dataset:
-
-1. load the model and the dataset and build the engine (:mod:`certify.prepare`);
-2. cut the selection into groups of ``inputs_per_batch`` consecutive inputs, and take this
-   process's share of the groups (``--shard I/K`` or the torchrun rank: the groups whose
-   number is I mod K);
-3. certify each group's inputs together (their noise samples share forward batches), and
-   write each input's row as soon as its group is done (flushed and fsynced), its
-   anisotropic scales first (:mod:`certify.scales`); save the memory after each group;
-4. a shard of a data-dependent method writes its inputs' own certificates (memory column
-   ``raw``); the merge replays the memory over all inputs in idx order (:mod:`certify.replay`).
-
-Files beside ``--out`` (``results.tsv``): ``results.json`` (settings, compared on resume),
-``results.scales.npy`` (ancer), ``results.memory.pt`` (dds, ancer), ``results.lock`` (held
-while a run writes, so a second run on the same ``--out`` is refused).
+:class:`ancer.engine.Certifier`; this module drives it over a dataset (docs/results.md,
+sections 6 and 7): it cuts the selection into groups of ``inputs_per_batch`` consecutive
+inputs, takes this process's share (``--shard I/K`` or the torchrun rank: the groups whose
+number is I mod K), certifies each group's inputs together, and writes each input's row as
+soon as its group is done (its scales first), saving the memory after each group; a shard
+of a data-dependent method writes raw rows, which the merge answers (:mod:`certify.replay`).
+``results.lock`` is held while a run writes, so a second run on the same ``--out`` is refused.
 
 Resume: the rows already written are skipped. A group is certified whole again when a kill
 cut it (batched arithmetic may round differently in other company), which brings the memory
 up to date and writes only the missing rows, so a resumed run's rows equal an uninterrupted
-run's. A row written before the kill whose memory answer was not saved is checked to equal
-its recomputation (all columns but ``time``). ``--max`` may grow between runs (all other
-settings equal): the new inputs are certified after the old ones.
+run's; a row written before the kill whose memory answer was not saved is checked to equal
+its recomputation. ``--max`` may grow between runs: the new inputs come after the old ones.
 """
 
 from __future__ import annotations
@@ -36,6 +27,7 @@ import torch
 
 from ancer.errors import ArgumentError, ResultsError
 from ancer.memory import Memory
+from ancer.vocabulary import default_radii
 from certify import distributed, merge
 from certify.lock import RunLock
 from certify.prepare import Job, RunSpec, prepare
@@ -43,7 +35,7 @@ from certify.progress import Progress
 from certify.replay import memory_path
 from certify.results import (Row, ResultsWriter, add_sidecar_info, base_name, done_indices,
                              open_results, read_results, read_sidecar, shard_path)
-from certify.rows import check_recomputed, make_row, memory_text
+from certify.rows import check_recomputed, make_row
 from certify.scales import ScalesWriter, open_scales
 
 __all__ = ["Interrupted", "Job", "RunSpec", "certify_inputs", "prepare", "run"]
@@ -82,7 +74,7 @@ def run(spec: RunSpec, fields: dict[str, Any], notify: Any = print) -> Path:
         certify_inputs(job, path, shard, position=launch.local_rank, notify=notify)
         distributed.barrier(launch)
         if launch.distributed and launch.is_main:
-            _merge_shards(out, launch.world_size)
+            _merge_shards(out)
     return out if shard is None or launch.distributed else path
 
 
@@ -95,7 +87,7 @@ def _check_merge_target(out: Path) -> None:
                                "pass a new --out")
 
 
-def _merge_shards(out: Path, count: int) -> None:
+def _merge_shards(out: Path) -> None:
     """Rank 0: merge the shards into ``out``, replacing an earlier merge of them."""
     out.unlink(missing_ok=True)
     merge.merge_results(merge.find_shards(out), out)
@@ -111,7 +103,11 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
     floating-point arithmetic may round differently in another company, so this keeps every
     row that of an uninterrupted single-process run. A shard of a data-dependent method runs
     no memory: it sees only its own inputs, so its rows are raw, answered at the merge.
-    Ctrl-C raises :class:`Interrupted` once the rows written so far are safe."""
+    Ctrl-C raises :class:`Interrupted` once the rows written so far are safe. Without
+    ``--inputs-per-batch``, a run begun with another default group size goes on with it."""
+    recorded = read_sidecar(path) if path.is_file() and job.spec.inputs_per_batch is None else None
+    if recorded is not None and "inputs_per_batch" in recorded.settings:
+        job.settings["inputs_per_batch"] = recorded.settings["inputs_per_batch"]
     groups = [g for number, g in enumerate(_groups(range(len(job.dataset)), job.group_size))
               if shard is None or number % shard[1] == shard[0]]
     positions = [p for group in groups for p in group]
@@ -132,7 +128,7 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
         memory, memory_file = _open_memory(job, path, written, shard)
         unanswered = _unanswered_rows(path, writer, memory)
         scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
-                  if job.config.method == "ancer" else None)
+                  if job.config.anisotropic else None)
         finished = set(memory.processed) if memory is not None else writer.done
         todo = [g for g in groups if not all(job.dataset.indices[p] in finished for p in g)]
         if memory is not None:  # inputs the memory answered stay answered (a grown --max)
@@ -140,10 +136,10 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
         per_input = job.config.n0 + job.config.n
         progress = Progress(len(positions), len(writer.done), per_input,
                             _description(path, shard), job.spec.quiet, position,
-                            hint=_shorter_hint(job), say=notify)
+                            hint=_shorter_hint(job), say=notify, every=job.spec.progress_every)
         try:
             for group in todo:
-                _certify_group(job, group, writer, memory, scales, progress, unanswered, shard)
+                _certify_group(job, group, writer, scales, progress, unanswered, shard)
                 if memory is not None:
                     memory.save(memory_file)
         except KeyboardInterrupt:
@@ -158,24 +154,18 @@ def _certify_into(job: Job, path: Path, groups: list, positions: list,
 
 def _shorter_hint(job: Job) -> str:
     """What would shorten a long run, in one line."""
-    config = job.config
+    config, noise = job.config, job.certifier.noise
     ideas = []
     if config.n > 10_000:
-        ideas.append(f"--n 10000 (radius limit {_top_radius(job, 10_000):.2f} instead of "
-                     f"{_top_radius(job, config.n):.2f})")
+        ideas.append(f"--n 10000 (radius limit {noise.max_radius(10_000, config.alpha):.2f} "
+                     f"instead of {noise.max_radius(config.n, config.alpha):.2f})")
     if not config.sequential:
-        grid = ",".join(f"{k * config.sigma:g}" for k in (1, 2, 3))
+        grid = ",".join(f"{r:g}" for r in default_radii(config.sigma))
         ideas.append(f"--sequential --radii {grid} (stops each input once its certified "
                      "radius is decided, same guarantee)")
     if job.certifier.device.type == "cpu":
         ideas.append("a GPU (--device cuda)")
     return "to shorten it: " + "; ".join(ideas) if ideas else ""
-
-
-def _top_radius(job: Job, n: int) -> float:
-    """The largest radius fixed-n CERTIFY can give with ``n`` draws: p_A = alpha^(1/n)."""
-    noise = job.certifier.noise
-    return noise.scale * noise.radius_factor(math.exp(math.log(job.config.alpha) / n))
 
 
 def _check_selection(job: Job, path: Path) -> None:
@@ -201,18 +191,18 @@ def _file_order(path: Path, writer: ResultsWriter) -> list[int]:
 
 def _open_memory(job: Job, path: Path, written: Sequence[int],
                  shard: Optional[tuple[int, int]]) -> tuple[Optional[Memory], Path]:
-    """The run's memory (loaded on resume) installed in the engine, or None for a method
+    """The run's memory (loaded on resume), continued by the engine, or None for a method
     that needs none and for a shard (its rows stay raw until the merge replays the memory).
     Its inputs must be the first rows of the results file: it is saved after each group."""
     where = memory_path(path)
     if not job.config.uses_memory or shard is not None:
         return None, where
-    memory = Memory.load(where) if where.exists() else Memory(job.config.norm)
+    memory = Memory.load(where) if where.exists() else job.certifier.memory
     processed = list(memory.processed)
     if memory.norm != job.config.norm or processed != list(written[:len(processed)]):
         raise ResultsError(f"{where} does not match {path} (another run's memory?): move it "
                            "away and pass a new --out, or restore the matching files")
-    job.certifier.memory = memory
+    job.certifier.use_memory(memory)
     return memory, where
 
 
@@ -233,29 +223,27 @@ def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]
 
 
 def _certify_group(job: Job, group: Sequence[int], writer: ResultsWriter,
-                   memory: Optional[Memory], scales: Optional[ScalesWriter],
+                   scales: Optional[ScalesWriter],
                    progress: Progress, unanswered: dict[int, Row],
                    shard: Optional[tuple[int, int]]) -> None:
     """Certify the inputs at dataset positions ``group`` with the engine and write their
     rows, in order; rows already written are checked against their recomputation when the
-    memory did not save them (:func:`_check_recomputed`)."""
-    certifier = job.certifier
+    memory did not save them (:func:`certify.rows.check_recomputed`)."""
     items = [job.dataset[p] for p in group]
     indices = [int(job.dataset.indices[p]) for p in group]
     xs = torch.stack([x for x, _ in items])
     start = time.perf_counter()
-    own = certifier.own_certificates(xs, indices, progress=progress.advance)
+    certificates = job.certifier.certify_batch(xs, indices, progress=progress.advance,
+                                               raw=shard is not None)
     elapsed = (time.perf_counter() - start) / len(group)
-    for (x, label), idx, certificate in zip(items, indices, own):
-        if memory is not None:
-            certificate = certifier.answer(x, certificate, idx)
+    for (_, label), idx, certificate in zip(items, indices, certificates):
         row = make_row(idx, label, certificate, job.config.method, elapsed,
-                       memory_text(job.config, certificate, memory))
+                       job.config.uses_memory)
         if idx in writer.done:  # certified again, with its group, for the memory and the rest
             if idx in unanswered:
                 check_recomputed(writer.path, unanswered[idx], row)
             continue
-        if scales is not None:
+        if certificate.anisotropic:
             scales.append(idx, certificate.noise.sigma.numpy())
         writer.write(row)
         progress.update(row)

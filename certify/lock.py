@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ancer.errors import ResultsError
-from certify.results import base_name
+from certify.results import beside
 
 try:
     import fcntl
@@ -25,8 +25,7 @@ except ImportError:  # pragma: no cover - Windows
 
 def lock_path(path: str | os.PathLike) -> Path:
     """The lock file of a results file: ``results.tsv`` -> ``results.lock``."""
-    base = base_name(path)
-    return base.with_name(base.name + ".lock")
+    return beside(path, ".lock")
 
 
 class RunLock:

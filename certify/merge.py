@@ -1,15 +1,11 @@
-"""Merging results files (the shards of one run) into one file ordered by idx.
+"""Merging results files (the shards of one run) into one file ordered by idx, each idx once
+(docs/results.md, section 7).
 
-Each idx appears once in the merged file. Rows of one idx found in several files must
-agree on every column except ``time`` (a measurement, not a result): such duplicates
-collapse to the first; any other difference is an error. The files' headers and sidecar
-settings must agree. The merged file and its sidecar are written atomically.
-
-Shards of a data-dependent run (``dds``, ``ancer``) hold raw rows, their inputs' own
-certificates: the merge answers them through one memory pass over all the run's inputs in
-idx order (:mod:`certify.replay`), and writes beside the merged file the memory and, for
-ancer, the scales file in idx order, each atomically and before the results file, which
-so appears only once they are complete.
+Rows of one idx found in several files must agree on every column except ``time``; such
+duplicates collapse to the first. The files' headers and sidecar settings must agree. Raw
+rows of a data-dependent run are answered by the memory (:mod:`certify.replay`), whose file
+and (ancer) the scales file in idx order are written beside the merged file, each atomically
+and before the results file, which so appears only once they are complete.
 """
 
 from __future__ import annotations
@@ -22,17 +18,23 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ancer.atomic import write_atomically
 from ancer.errors import ArgumentError, ResultsError
-from certify.replay import MEMORY_METHODS, holds_raw_rows, memory_path, replay
-from certify.results import (ResultsTable, Sidecar, base_name, read_results, read_sidecar,
-                             settings_differences, shard_path, write_atomically, write_sidecar)
+from ancer.vocabulary import is_anisotropic, uses_memory
+from certify.replay import holds_raw_rows, memory_path, replay
+from certify.results import (ResultsTable, Sidecar, base_name, check_writable, read_results,
+                             read_sidecar, settings_differences, shard_path, write_sidecar)
 from certify.scales import read_scales, write_scales
 
 
 def find_shards(out: str | os.PathLike) -> list[Path]:
     """The shard files of ``out`` (``<base>.shard<i>of<k>.tsv`` beside it), i = 0..k-1;
     ResultsError if there are none, some are missing, or two shard counts are mixed."""
-    base = base_name(out)
+    base = base_name(check_writable(out))
+    if not base.parent.is_dir():
+        raise ResultsError(f"no shard files of {out}: the folder {base.parent} does not exist; "
+                           "check --out (the --out the shards were run with), or list the files "
+                           "to merge")
     pattern = re.compile(re.escape(base.name) + r"\.shard(\d+)of(\d+)\.tsv")
     found: dict[int, set[int]] = {}
     for candidate in base.parent.iterdir():
@@ -77,7 +79,7 @@ def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
     settings when raw rows are replayed and the data has moved.
     """
     inputs = tuple(Path(p) for p in inputs)
-    out = Path(out)
+    out = check_writable(out)
     if not inputs:
         raise ArgumentError("nothing to merge: list the files, or give --out to find its shards")
     if out.exists() and not any(out.resolve() == p.resolve() for p in inputs):
@@ -100,6 +102,7 @@ def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
             else:
                 kept[idx] = (table, row)
     ordered = [kept[idx] for idx in sorted(kept)]
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = None
     if raw:
         lines, report = _replay_into(out, inputs, ordered, sidecar, data)
@@ -119,11 +122,11 @@ def _replay_into(out: Path, inputs: Sequence[Path], ordered: Sequence[tuple[Resu
     """Answer the raw rows through the memory (:func:`certify.replay.replay`), save the memory
     and the scales beside ``out``; the answered rows' lines and the memory's report."""
     method = None if sidecar is None else sidecar.settings.get("method")
-    if method not in MEMORY_METHODS:
+    if not isinstance(method, str) or not uses_memory(method):
         raise ResultsError(f"{inputs[0]} holds raw rows but its settings name no data-dependent "
                            f"method (method {method!r}): its sidecar is not the run's; restore it")
     rows = [table.row(number) for table, number in ordered]
-    scales = _scales_by_idx(inputs) if method == "ancer" else None
+    scales = _scales_by_idx(inputs) if is_anisotropic(method) else None
     replayed = replay(rows, sidecar.settings, scales, data)
     replayed.memory.save(memory_path(out))
     if replayed.scales is not None:

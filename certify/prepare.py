@@ -24,10 +24,11 @@ import torch
 import ancer
 from ancer.data import ImageDataset, load_dataset
 from ancer.denoisers import load_denoiser
+from ancer.devices import device_name, resolve_device
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
 from ancer.models import LoadedModel, load_model
-from ancer.sequential import max_certifiable_probability
+from ancer.vocabulary import default_radii
 from certify.demo import SAMPLE as SHIPPED_CIFAR10
 from certify.distributed import Launch
 
@@ -45,7 +46,7 @@ class RunSpec:
     selection draws; ``shard`` is (i, k) or None."""
 
     model: str
-    out: Path
+    out: str
     denoiser: Optional[str] = None
     data: Optional[str] = None
     dataset: Optional[str] = None
@@ -56,6 +57,8 @@ class RunSpec:
     inputs_per_batch: Optional[int] = None
     shard: Optional[tuple[int, int]] = None
     quiet: bool = False
+    progress_every: float = 60.0
+    any_classes: bool = False
 
 
 @dataclass
@@ -74,25 +77,6 @@ class Job:
     @property
     def group_size(self) -> int:
         return self.settings["inputs_per_batch"]
-
-
-def resolve_device(requested: Optional[str], launch: Launch) -> torch.device:
-    """``--device`` (default cuda if available, else cpu); under torchrun plain ``cuda``
-    means this rank's GPU, cuda:LOCAL_RANK."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ArgumentError(f"--device {requested}: this machine has no CUDA GPU (or this "
-                                "PyTorch build lacks CUDA); use --device cpu")
-        if requested == "cuda":
-            requested = f"cuda:{launch.local_rank}"
-        if torch.device(requested).index >= torch.cuda.device_count():
-            raise ArgumentError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) "
-                                "here; give cuda:0 ... or cuda")
-        # the current device too, so that nothing (streams, contexts) lands on cuda:0
-        torch.cuda.set_device(torch.device(requested))
-    return torch.device(requested)
 
 
 def _data_source(spec: RunSpec, loaded: LoadedModel, notes: list[str]) -> tuple[str, str]:
@@ -125,25 +109,18 @@ def _count_shipped() -> int:
         return len(sample["y"])
 
 
-#: the flag of each config field, for messages of a command-line run
-FLAGS = {"sigma": "--sigma", "norm": "--norm", "method": "--method", "theta0": "--theta0",
-         "n0": "--n0", "n": "--n", "alpha": "--alpha", "sequential": "--sequential",
-         "radii": "--radii", "opt_iterations": "--opt-iterations", "opt_lr": "--opt-lr",
-         "opt_samples": "--opt-samples", "kappa": "--kappa", "batch": "--batch",
-         "precision": "--precision", "compile": "--compile", "cuda_graphs": "--cuda-graphs",
-         "seed": "--seed"}
+#: the most noise draws (n0 + n each) that the inputs of one group may take together, so
+#: that a row is written every few minutes at most: 100 forward batches of 1000, about 2
+#: minutes of a CIFAR ResNet-20 on a 2-core CPU. A larger group only fills the n0 selection
+#: draws of several inputs into one forward batch, which saves little once each input's n
+#: fills batches of its own
+GROUP_SAMPLES = 100_000
 
 
-def make_config(fields: dict[str, Any]) -> CertifyConfig:
-    """The engine's config from the run's flags (by config field name); an invalid field's
-    message names its flag."""
-    try:
-        return CertifyConfig(**fields)
-    except ArgumentError as error:
-        text = str(error)
-        for name, flag in sorted(FLAGS.items(), key=lambda item: -len(item[0])):
-            text = text.replace(f"CertifyConfig.{name}:", f"{flag}:").replace(f"{name}=", f"{flag} ")
-        raise ArgumentError(text) from None
+def group_size(config: CertifyConfig) -> int:
+    """Inputs certified together: enough to fill one forward batch with their n0 selection
+    draws, but no more than ``GROUP_SAMPLES`` draws in all (at least one input)."""
+    return max(1, min(config.batch // config.n0, GROUP_SAMPLES // (config.n0 + config.n)))
 
 
 def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
@@ -152,58 +129,33 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     when it records its training noise level (and a note says so), and sequential radii
     default to σ, 2σ, 3σ (p_A of Φ(1), Φ(2), Φ(3) for l2)."""
     notes: list[str] = []
-    device = resolve_device(spec.device, launch)
+    device = resolve_device(spec.device, launch.local_rank)
     loaded = load_model(spec.model, map_location=device)
     if fields.get("sigma") is None and spec.denoiser is not None:
         fields = {**fields, "sigma": _denoiser_sigma(spec.denoiser, notes)}
-    if fields.get("sigma") is None:
-        if loaded.sigma is None:
-            raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
-                                f"{spec.model} does not record the σ it was trained with")
-        fields = {**fields, "sigma": float(loaded.sigma)}
-        notes.append(f"no --sigma given: using σ = {loaded.sigma:g}, recorded in the checkpoint "
-                     "as its training noise")
-    if fields.get("sequential") and fields.get("radii") is None:
-        sigma = float(fields["sigma"])
-        fields = {**fields, "radii": (sigma, 2 * sigma, 3 * sigma)}
-    config = make_config(fields)
+    config = CertifyConfig(**_with_defaults(fields, loaded, spec.model, notes))
     kind, data = _data_source(spec, loaded, notes)
     extra = dataset_options(kind, loaded.num_classes, spec.synsets)
     dataset = load_dataset(kind, data, skip=spec.skip, max=spec.max, **extra)
     if len(dataset) == 0:
         raise DatasetError(f"--data {data} with --skip {spec.skip} --max {spec.max} "
                            "selects no input: check --max")
-    if dataset.num_classes > loaded.num_classes:
-        raise ArgumentError(f"the dataset has {dataset.num_classes} classes but the model "
-                            f"outputs {loaded.num_classes}: check --model and --data")
+    _check_classes(kind, data, dataset, loaded, spec.any_classes)
     planned = len(dataset) * (config.n0 + config.n)
     denoiser = None if spec.denoiser is None else load_denoiser(
-        spec.denoiser, config.sigma, map_location=device)
+        str(Path(spec.denoiser).resolve()), config.sigma, map_location=device)
     certifier = Certifier(loaded, config, device=device, planned_samples=planned,
                           denoiser=denoiser)
-    if config.sequential:
-        check_reachable(certifier)
-    evaluation = certifier.smoothed.settings()
     settings = {
         "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
-        "data": str(Path(data).resolve()), **extra, "norm": config.norm, "method": config.method,
-        "sigma": config.sigma, "half_width": certifier.noise.half_width_of(config.sigma),
-        "n0": config.n0, "n": config.n, "alpha": config.alpha, "batch": config.batch,
-        "sequential": config.sequential, "radii": list(config.radii),
-        "skip": spec.skip, "max": spec.max, "precision": config.precision, "seed": config.seed,
-        "device_type": device.type, "fold_bn": evaluation["fold_bn"],
-        # enough inputs to fill one forward batch with their n0 selection draws
-        "inputs_per_batch": spec.inputs_per_batch or max(1, config.batch // config.n0),
-        "denoiser": None if denoiser is None else {
-            **denoiser.describe(), "path": str(Path(denoiser.path).resolve())},
-        "optimizer": None if not config.uses_memory else {
-            **config.optimizer(config.method), "theta0": (
-                config.theta0 if config.method == "ancer" else None)},
+        "data": str(Path(data).resolve()), **extra, **certifier.settings(),
+        "skip": spec.skip, "max": spec.max, "device_type": device.type,
+        "inputs_per_batch": spec.inputs_per_batch or group_size(config),
     }
     info = {
         "versions": {"ancer": ancer.__version__, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
-        "command": sys.argv, "device": _device_name(device), "host": socket.gethostname(),
+        "command": sys.argv, "device": device_name(device), "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rank": launch.rank,
         "world_size": launch.world_size,
         # how the forward pass was run: results agree at float rounding, so not a setting
@@ -224,21 +176,49 @@ def _denoiser_sigma(path: str, notes: list[str]) -> Optional[float]:
     return recorded
 
 
-def check_reachable(certifier: Certifier) -> None:
-    """Refuse sequential radii of which none can be certified within n draws."""
-    config = certifier.config
-    best = max_certifiable_probability(config.n, config.alpha)
-    top = certifier.noise.scale * certifier.noise.radius_factor(best) if best > 0.5 else 0.0
-    if config.radii[0] > top:
-        raise ArgumentError(f"--radii: no radius in {','.join(map(str, config.radii))} can be "
-                            f"certified with --n {config.n} at --alpha {config.alpha:g} (the "
-                            f"largest is {top:.3f}): give smaller radii or a larger --n")
+def _with_defaults(fields: dict[str, Any], loaded: LoadedModel, model: str,
+                   notes: list[str]) -> dict[str, Any]:
+    """The config's fields with the checkpoint's σ when ``sigma`` is None (a note says so;
+    another σ than the recorded one gets a note too), and the default sequential radii."""
+    recorded = loaded.sigma
+    if fields.get("sigma") is None:
+        if recorded is None:
+            raise ArgumentError(f"give the noise level with --sigma S (e.g. --sigma 0.25): "
+                                f"{model} does not record the σ it was trained with")
+        fields = {**fields, "sigma": float(recorded)}
+        notes.append(f"no --sigma given: using σ = {recorded:g}, recorded in the checkpoint "
+                     "as its training noise")
+    elif recorded is not None and float(fields["sigma"]) != float(recorded):
+        notes.append(f"note: certifying at σ = {float(fields['sigma']):g}, but the checkpoint "
+                     f"records training at σ = {float(recorded):g} (a smoothed classifier is "
+                     "usually certified at its training σ)")
+    if fields.get("sequential") and fields.get("radii") is None:
+        fields = {**fields, "radii": default_radii(float(fields["sigma"]))}
+    return fields
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+def _check_classes(kind: str, data: str, dataset: ImageDataset, loaded: LoadedModel,
+                   any_classes: bool) -> None:
+    """Refuse a dataset whose classes are not the model's: labels the model cannot output,
+    or (unless ``any_classes``) a dataset whose number of classes is known and differs,
+    such as a 1000-class model on CIFAR-10, whose predictions would be compared with labels
+    of another meaning."""
+    if dataset.num_classes > loaded.num_classes:
+        raise ArgumentError(f"the dataset has {dataset.num_classes} classes but the model "
+                            f"outputs {loaded.num_classes}: check --model and --data")
+    if kind == "npz":
+        with np.load(data) as arrays:
+            classes = int(arrays["y"].max()) + 1 if arrays["y"].size else 0
+    elif kind in _READERS_OF.values():
+        classes = dataset.num_classes
+    else:
+        return
+    if classes != loaded.num_classes and not any_classes:
+        known = (f"its labels go up to {classes - 1}" if kind == "npz"
+                 else f"{dataset.name} has {classes} classes")
+        raise ArgumentError(f"--model outputs {loaded.num_classes} classes but --data "
+                            f"{data}: {known}; give the data the model was trained for, or "
+                            "--any-classes if its labels are the model's class indices")
 
 
 def dataset_options(kind: str, num_classes: int, synsets: Optional[str]) -> dict[str, Any]:

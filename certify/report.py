@@ -1,10 +1,10 @@
 """Certified-accuracy curves and summary statistics of results files, side by side.
 
-Certified accuracy at radius r is Cohen et al.'s (2019, "Certified adversarial robustness
-via randomized smoothing", locuslab/smoothing `analyze.py`): the fraction of inputs that
+Certified accuracy at radius r is that of Cohen et al. 2019, §4 (see docs/design.md,
+References; locuslab/smoothing `analyze.py`): the fraction of inputs that
 the smoothed classifier classifies correctly with a certified radius of at least r,
 ``(df["correct"] & (df["radius"] >= radius)).mean()``. For anisotropic runs (ANCER,
-Alfarra et al. 2022) the certified radius is the proxy radius, that of the largest l_p ball
+Eiras et al. 2022) the certified radius is the proxy radius, that of the largest l_p ball
 inside the certified region. Their volume radius ((Π a_i)^(1/d), the radius of the ball of
 equal volume) is reported as the share of correct inputs whose volume radius is at least r:
 not a certified accuracy, since a region of volume radius r need not contain any ball of

@@ -1,73 +1,18 @@
 """The results file: one TSV row per certified input, and its JSON settings sidecar.
 
-This module is the one place that defines the schema and reads or writes it.
-
-Columns, in order (see docs/design.md). The first six are Cohen et al.'s (2019,
-locuslab/smoothing `code/certify.py`), so their analysis scripts read our files:
-
-    idx label predict radius correct time
-
-- ``predict`` is the smoothed classifier's class, -1 when it abstains (``radius`` is then 0.0);
-  ``correct`` is 1 iff ``predict == label``; ``time`` is seconds, as a float.
-
-Then ours:
-
-    norm method sigma half_width p_lower proxy_radius volume_radius log_volume
-    n0 n alpha count_a counts_top2 precision
-
-- ``norm``: ``l2`` or ``l1``; ``method``: ``isotropic``, ``dds`` or ``ancer``.
-- ``sigma``: the noise's standard deviation (the isotropic or starting scale);
-  ``half_width``: λ of uniform noise (λ = √3·σ), ``nan`` for Gaussian noise.
-- ``p_lower``: the lower bound p_A (Clopper-Pearson, or the grid threshold a sequential run
-  passed: see ``bound``).
-- ``radius``, ``proxy_radius`` (largest l_p ball inside the region), ``volume_radius``
-  ((Π a_i)^(1/d)), ``log_volume``: the certified region; ``-inf`` log-volume on abstain.
-- ``n0``, ``n``, ``alpha``: the sample sizes and the failure probability.
-- ``count_a``: votes for the predicted class among the n samples (with ``n`` this lets a
-  radius be recomputed for another alpha without sampling again);
-  ``counts_top2``: the two classes with most votes among the n samples, as ``c:k,c:k``.
-- ``precision``: the precision the base classifier was evaluated in (``fp32``, ``bf16``...).
-
-Then, last and optional (files of earlier versions lack them, and a hand-written row may
-omit them; read as ``-`` and -1):
-
-    memory count_label samples bound
-
-- ``memory``: what memory-based certification (``dds``, ``ancer``; Alfarra et al., UAI 2022, §3.5) did to the
-  input's own certificate: ``kept``, ``shrunk:<factor>`` (the region scaled by that factor),
-  ``override:<idx>`` (decided by the earlier certificate of input ``idx``) or ``abstain``;
-  ``raw`` for a shard's row, the input's own certificate before the memory (not sound on its
-  own: ``certify merge`` replays the memory over it); ``-`` for methods without a memory.
-- ``count_label``: votes for the true label among the n samples, so that count_label / n is
-  the base classifier's accuracy under noise on that input (-1: not recorded).
-- ``samples``: the forward passes of the base classifier spent on that input by CERTIFY,
-  selection (n0) and estimation together; a sequential run stops early, so it can be far
-  below n0 + n (-1: not recorded).
-- ``bound``: how ``p_lower`` was computed: ``clopper-pearson`` (fixed-n CERTIFY: the
-  one-sided Clopper-Pearson bound from ``count_a`` of ``n``, recomputable at another alpha)
-  or ``group-sequential`` (sequential CERTIFY: the threshold of the highest grid level that
-  group-sequential tests at level alpha passed, so ``radius`` is that level's grid radius;
-  ``n`` is then the estimation draws actually made, chosen by looking at the draws, and a
-  Clopper-Pearson bound recomputed from ``count_a`` of ``n`` would NOT be valid, since it
-  ignores the stopping).
-
-``p_lower``, ``count_a``, ``counts_top2`` and ``n`` always describe the input's own CERTIFY,
-before memory-based certification. For a row that the memory shrank, overrode or abstained
-(``memory`` other than ``kept``, ``-`` or ``raw``), the certified region is the one in
-``radius``/``proxy_radius``/``volume_radius``/``log_volume``, smaller than ``p_lower`` gives:
-never recompute a radius from ``p_lower`` or ``count_a`` for such a row.
+This module is the one place that defines the schema and reads or writes it; every column is
+explained in docs/results.md. The first six columns are Cohen et al.'s (2019,
+locuslab/smoothing ``code/certify.py``), so their analysis scripts read our files, and files
+of theirs are read as they are (radii rounded to 3 digits, time as ``H:MM:SS.ffffff``); ours
+follow (``COLUMNS``), the last ones optional (``OPTIONAL_COLUMNS``: files of earlier versions
+lack them). ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own
+CERTIFY, before the memory; the region columns describe the answered region.
 
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
 written by one ``write`` call that ends in a newline, then flushed and fsynced, so a job
 killed at any moment (kill -9) leaves at most a partial last line, which the reader drops
-and reports and the writer truncates before appending.
-
-Reading also accepts Cohen et al.'s own files as they are: only the six first columns,
-radii rounded to 3 significant digits, time in seconds or as ``H:MM:SS.ffffff``.
-
-The sidecar ``<base>.json`` (``results.tsv`` -> ``results.json``) holds ``settings``, the
-run's settings that determine its rows (compared on resume and merge), and ``info``,
-recorded but not compared (versions, command line, host, start time).
+and reports and the writer truncates before appending. The sidecar ``<base>.json`` holds
+``settings`` (compared on resume and merge) and ``info`` (recorded, not compared).
 """
 
 from __future__ import annotations
@@ -81,9 +26,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ancer import atomic
+from ancer.atomic import write_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
+from ancer.vocabulary import CLOPPER_PEARSON, is_anisotropic
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 COLUMNS = COHEN_COLUMNS + (
@@ -92,9 +38,12 @@ COLUMNS = COHEN_COLUMNS + (
     "count_label", "samples", "bound",
 )
 #: trailing columns that files of earlier versions lack, and the value read in their place
-OPTIONAL_COLUMNS = {"memory": "-", "count_label": "-1", "samples": "-1",
-                    "bound": "clopper-pearson"}
-ANISOTROPIC_METHODS = frozenset({"ancer"})
+#: memory column of a method without a memory
+NO_MEMORY = "-"
+#: memory column of a shard's row: the input's own certificate, before the memory
+RAW = "raw"
+OPTIONAL_COLUMNS = {"memory": NO_MEMORY, "count_label": "-1", "samples": "-1",
+                    "bound": CLOPPER_PEARSON}
 SIDECAR_FORMAT = "ancer-results/1"
 
 _TIME = re.compile(r"(?:(\d+) days?, )?(\d+):(\d{2}):(\d{2}(?:\.\d*)?)")
@@ -147,10 +96,10 @@ class Row:
     count_a: int
     counts_top2: tuple[tuple[int, int], ...]
     precision: str
-    memory: str = "-"
+    memory: str = NO_MEMORY
     count_label: int = -1
     samples: int = -1
-    bound: str = "clopper-pearson"
+    bound: str = CLOPPER_PEARSON
 
     def __post_init__(self) -> None:
         if not self.radius >= 0.0:
@@ -216,7 +165,7 @@ class ResultsTable:
     def anisotropic(self) -> bool:
         """Whether any row was certified with per-dimension (anisotropic) scales."""
         methods = self.columns.get("method")
-        return methods is not None and any(m in ANISOTROPIC_METHODS for m in methods)
+        return methods is not None and any(is_anisotropic(m) for m in methods)
 
 
 def read_results(path: str | os.PathLike) -> ResultsTable:
@@ -308,18 +257,33 @@ def base_name(path: str | os.PathLike) -> Path:
     return path.with_name(path.name[:-4]) if path.name.endswith(".tsv") else path
 
 
+def beside(path: str | os.PathLike, suffix: str) -> Path:
+    """A file kept beside results file ``path``: its base name with ``suffix``, e.g.
+    ``results.tsv`` -> ``results.json`` (the settings sidecar), ``results.memory.pt``,
+    ``results.scales.npy``, ``results.lock``, ``results.shard0of4.tsv``."""
+    base = base_name(path)
+    return base.with_name(base.name + suffix)
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The settings sidecar of a results file: ``results.tsv`` -> ``results.json``."""
-    base = base_name(path)
-    return base.with_name(base.name + ".json")
+    return beside(path, ".json")
 
 
 def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
     """The file of shard ``index`` (0-based) of ``count``: ``results.shard0of4.tsv``."""
     if not 0 <= index < count:
         raise ArgumentError(f"shard {index}/{count}: need 0 <= i < k, e.g. 0/{max(count, 1)}")
-    base = base_name(path)
-    return base.with_name(f"{base.name}.shard{index}of{count}.tsv")
+    return beside(path, f".shard{index}of{count}.tsv")
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` as a results file to write: ResultsError in one line when it names a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ResultsError(f"--out {path} is a folder: give a results file, e.g. "
+                           f"--out {path / 'results.tsv'}")
+    return path
 
 
 @dataclass(frozen=True)
@@ -387,13 +351,6 @@ def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[
                            "to start another run, or the same flags to resume this one")
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write ``content`` (text, as UTF-8, or bytes) to ``path`` through a fsynced temp file in
-    the same folder + os.replace, so readers see either the old file or the whole new one."""
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    atomic.write_atomically(path, lambda handle: handle.write(data))
-
-
 class ResultsWriter:
     """Appends rows to a results file, one ``write`` call per row, flushed and fsynced.
 
@@ -445,7 +402,7 @@ def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
     named in ``growable`` (the selection's ``max``) may differ: the sidecar then records the
     new value, and the caller checks that the rows on disk still belong to the run.
     """
-    path = Path(path)
+    path = check_writable(path)
     size = path.stat().st_size if path.exists() else 0
     complete = path.read_bytes().rfind(b"\n") + 1 if size else 0  # bytes up to the last newline
     if not complete:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-from ancer.engine import CertifyConfig
 from ancer.errors import ResultsError
-from ancer.memory import Memory
 from ancer.smoothing import Certificate
-from certify.replay import NO_MEMORY, RAW, outcome_text
-from certify.results import COLUMNS, Row
+from certify.results import COLUMNS, NO_MEMORY, RAW, Row
 
 
 def check_recomputed(path: Path, written: Row, row: Row) -> None:
@@ -36,20 +33,18 @@ def check_recomputed(path: Path, written: Row, row: Row) -> None:
         )
 
 
-def memory_text(config: CertifyConfig, certificate: Certificate, memory: Optional[Memory]) -> str:
-    """The memory column: ``-`` without a memory, ``raw`` for a shard's own certificate, else
-    the memory's answer (kept, shrunk:<factor>, override:<idx>, abstain)."""
-    if not config.uses_memory:
+def memory_text(certificate: Certificate, uses_memory: bool) -> str:
+    """The memory column: ``-`` for a method without a memory, ``raw`` for a shard's own
+    certificate, else the memory's answer (kept, shrunk:<factor>, override:<idx>, abstain)."""
+    if not uses_memory:
         return NO_MEMORY
-    if memory is None or certificate.memory is None:
-        return RAW
-    return outcome_text(certificate.memory, memory)
+    return RAW if certificate.memory is None else certificate.memory.summary
 
 
 def make_row(idx: int, label: int, certificate: Certificate, method: str, elapsed: float,
-             memory: str) -> Row:
-    """The TSV row of one input's certificate (the memory's answer where ``memory`` is an
-    answer; ``raw`` for a shard's own certificate, ``-`` without a memory).
+             uses_memory: bool) -> Row:
+    """The TSV row of one input's certificate (the memory's answer, the input's own
+    certificate in a shard of a ``uses_memory`` method, ``raw``).
 
     ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own CERTIFY
     (before any memory): ``count_a`` is the estimation votes of the class selected from the
@@ -57,7 +52,6 @@ def make_row(idx: int, label: int, certificate: Certificate, method: str, elapse
     base classifier's accuracy under noise); ``sigma`` the isotropic σ (dds: the input's;
     ancer: the σ its scales started from); ``samples`` the forward passes spent."""
     counts = certificate.counts
-    selected = int(np.argmax(certificate.selection_counts))
     top_two = np.argsort(-counts, kind="stable")[:2]
     noise = certificate.noise
     sigma = certificate.start_sigma if certificate.start_sigma is not None else float(noise.sigma)
@@ -70,8 +64,8 @@ def make_row(idx: int, label: int, certificate: Certificate, method: str, elapse
         p_lower=float(certificate.p_lower), proxy_radius=float(certificate.proxy_radius),
         volume_radius=float(certificate.volume_radius), log_volume=float(certificate.log_volume),
         n0=certificate.n0, n=certificate.n, alpha=certificate.alpha,
-        count_a=int(counts[selected]),
+        count_a=int(counts[certificate.selected]),
         counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
-        precision=certificate.precision, memory=memory, count_label=int(counts[label]),
+        precision=certificate.precision, memory=memory_text(certificate, uses_memory), count_label=int(counts[label]),
         samples=int(certificate.samples), bound=certificate.bound,
     )

@@ -1,19 +1,11 @@
-"""The per-input anisotropic scales of a run: one appendable ``.npy`` file beside the TSV.
-
-``results.tsv`` -> ``results.scales.npy``, a standard NumPy file holding one structured
-array with one record per certified input, in the order the rows were written::
-
-    scales = np.load("results.scales.npy")
-    scales["idx"]      # int64, the input's idx (the TSV's idx column)
-    scales["sigma"]    # float32 (N, C, H, W): the per-dimension standard deviations θ
-
-For l1 runs the uniform half-widths are λ = √3·θ (Yang et al. 2020's convention; see ``ancer.noise``).
+"""The per-input anisotropic scales of a run: one appendable ``.npy`` file beside the TSV
+(``results.scales.npy``: records of ``idx`` and ``sigma``, θ of shape C×H×W, in row order;
+docs/results.md, section 4).
 
 Durability: a record is appended, fsynced, and the header's record count is rewritten in
 place (numpy reserves room for the count's digits, so the header keeps its length) and
 fsynced, all before the input's TSV row is written; so a row never refers to scales that
-were not saved. A kill can leave at most one record more than the TSV has rows (or a
-partial one); :func:`open_scales` drops whatever follows the records of written rows.
+were not saved. :func:`open_scales` drops whatever follows the records of written rows.
 """
 
 from __future__ import annotations
@@ -27,13 +19,13 @@ import numpy as np
 import numpy.lib.format as npy
 
 from ancer.errors import ResultsError
-from certify.results import base_name, write_atomically
+from ancer.atomic import write_atomically
+from certify.results import beside
 
 
 def scales_path(path: str | os.PathLike) -> Path:
     """The scales file of a results file: ``results.tsv`` -> ``results.scales.npy``."""
-    base = base_name(path)
-    return base.with_name(base.name + ".scales.npy")
+    return beside(path, ".scales.npy")
 
 
 def record_dtype(shape: Sequence[int]) -> np.dtype:

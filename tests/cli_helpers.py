@@ -48,6 +48,32 @@ def make_files(root: Path) -> dict:
     return {"model": model, "data": data}
 
 
+class Energy(nn.Module):
+    """Logits ±40·(mean((x − 0.5)²) − 0.09): class 1 iff the image is far from mid-grey.
+    Under noise of standard deviation σ that mean grows by about σ², so the smoothed class
+    flips from 0 to 1 as σ grows, and inputs whose data-dependent σ differ get overlapping
+    regions of different classes: the memory shrinks and overrides on purpose."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        energy = ((x - 0.5) ** 2).mean(dim=(1, 2, 3))
+        return torch.stack([40 * (0.09 - energy), 40 * (energy - 0.09)], dim=1)
+
+
+def make_energy_files(root: Path, count: int = 12) -> dict:
+    """Write the energy model (``energy.pt``) and ``count`` inputs (``energy.npz``): one ±1
+    pattern scaled by growing amplitudes, so that neighbours are close, labelled with the
+    class at σ = 0.25."""
+    model = root / "energy.pt"
+    torch.jit.save(torch.jit.script(Energy().eval()), model)
+    pattern = np.random.default_rng(0).choice([-1.0, 1.0], (8, 8, 3))
+    amplitude = np.linspace(0.12, 0.2, count)[:, None, None, None]
+    x = np.clip(np.round(127.5 + 255 * amplitude * pattern), 0, 255).astype(np.uint8)
+    energy = ((x / 255 - 0.5) ** 2).mean(axis=(1, 2, 3))
+    data = root / "energy.npz"
+    np.savez(data, x=x, y=(energy + 0.25**2 > 0.09).astype(np.int64))
+    return {"model": model, "data": data}
+
+
 def dataset_tensors(data: Path) -> tuple:
     """The npz's images as float tensors N×C×H×W in [0, 1], and its labels."""
     arrays = np.load(data)

@@ -17,7 +17,6 @@ from scipy.stats import binom
 
 from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, load_model
 from ancer.memory import KEPT, Memory
-from certify.replay import outcome_text
 from certify.results import read_results
 from linear_models import Linear, inputs_at_margins
 from cli_helpers import certify, dataset_tensors, make_files
@@ -67,7 +66,7 @@ def test_cli_rows_equal_the_engine_certificates(files, tmp_path, method, norm_na
         if method == "isotropic":
             assert certificate.memory is None and table.columns["memory"][row] == "-"
         else:
-            assert table.columns["memory"][row] == outcome_text(certificate.memory, engine.memory)
+            assert table.columns["memory"][row] == certificate.memory.summary
     assert (table.columns["predict"] != ABSTAIN).any()
 
 
@@ -184,3 +183,63 @@ def test_compile_auto_on_a_cpu_follows_the_planned_forward_passes(files):
     assert Certifier(module, config.replace(compile="off"), 3, planned_samples=10**9).compiled is False
     scripted = load_model(files["model"])  # TorchScript cannot be compiled: stays eager
     assert Certifier(scripted, config, planned_samples=10**9).compiled is False
+
+
+@pytest.mark.parametrize("make, method, says", [
+    (lambda x: x[None], "certify", "takes 3×H×W, got shape (1, 3, 8, 8): pass x[0], or use certify_batch"),
+    (lambda x: x.permute(1, 2, 0), "certify", "channels last (H×W×C); pass x.permute(2, 0, 1)"),
+    (lambda x: (x * 255).to(torch.uint8), "certify", "dtype torch.uint8, but the model takes float "
+                                                    "pixels in [0, 1]"),
+    (lambda x: x, "certify_batch", "takes B×3×H×W, got shape (3, 8, 8): pass x[None], or use certify(x)"),
+    (lambda x: x[None].permute(0, 2, 3, 1), "certify_batch", "channels last (B×H×W×C)"),
+])
+def test_an_input_the_model_cannot_take_gets_one_clear_error(files, make, method, says):
+    xs, _ = dataset_tensors(files["data"])
+    engine = Certifier(load_model(files["model"]), CertifyConfig(sigma=0.25, **SMALL))
+    with pytest.raises(ArgumentError) as caught:
+        getattr(engine, method)(make(xs[0]))
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_sequential_through_smoothed_certify_equals_its_place_in_a_batch(files):
+    from ancer.seeding import input_generator
+    from ancer.vocabulary import GROUP_SEQUENTIAL
+
+    xs, _ = dataset_tensors(files["data"])
+    engine = Certifier(load_model(files["model"]), CertifyConfig(sigma=0.25))
+    smoothed, radii = engine.smoothed, (0.25, 0.5)
+    batch = smoothed.certify_batch(xs[:3], 50, 5000, 0.001, 1000, sequential=True, radii=radii,
+                                   generators=[input_generator(0, i) for i in range(3)])
+    alone = smoothed.certify(xs[1], 50, 5000, 0.001, 1000, generator=input_generator(0, 1),
+                             sequential=True, radii=radii)
+    assert alone.bound == GROUP_SEQUENTIAL and alone.n < 5000
+    assert (alone.label, alone.p_lower, alone.n) == (batch[1].label, batch[1].p_lower, batch[1].n)
+    assert alone.selected == int(np.argmax(alone.selection_counts))
+
+
+def test_the_engine_settings_are_what_a_results_file_records(files):
+    engine = Certifier(load_model(files["model"]),
+                       CertifyConfig(sigma=0.25, norm="l1", method="ancer", **SMALL, **OPTIMIZER))
+    settings = engine.settings()
+    assert settings["half_width"] == pytest.approx(0.25 * 3 ** 0.5)
+    assert settings["optimizer"] == {"iterations": 3, "lr": 0.04, "samples": 16, "kappa": 2.0,
+                                     "theta0": "sigma"}
+    assert {"norm", "method", "sigma", "n0", "n", "alpha", "batch", "sequential", "radii",
+            "precision", "seed", "fold_bn"} <= set(settings)
+
+
+def test_the_vocabulary_is_the_one_the_parts_use():
+    import dataclasses
+
+    from ancer.noise import NOISES
+    from ancer.vocabulary import METHODS, NORMS, default_radii
+    from certify.cli import DEFAULTS, run_parser
+
+    assert tuple(NOISES) == NORMS
+    choices = {a.dest: a.choices for a in run_parser()._actions if a.choices}
+    assert tuple(choices["norm"]) == NORMS and tuple(choices["method"]) == METHODS
+    defaults = {f.name: f.default for f in dataclasses.fields(CertifyConfig)}
+    parsed = run_parser().parse_args([])
+    for name in ("norm", "method", "n0", "n", "alpha", "batch", "precision", "seed"):
+        assert getattr(parsed, name) == defaults[name] == DEFAULTS[name]
+    assert default_radii(0.25) == (0.25, 0.5, 0.75)

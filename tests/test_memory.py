@@ -1,4 +1,4 @@
-"""Memory-based certification (DDRS §3.5): exact separation tests and the memory's rules.
+"""Memory-based certification (Alfarra et al. 2022): exact separation tests and the memory's rules.
 
 The exact tests are checked against independent solvers (SLSQP on min_z max(q_1, q_2) for
 ellipsoids, HiGHS ``linprog`` for cross-polytopes), against the analytic separating distance
@@ -308,3 +308,41 @@ def test_bad_calls_are_refused(call, message):
         call(Memory("l2"))
     with pytest.raises(ArgumentError, match="norm"):
         Memory("linf")
+
+
+# -- the memory's pass over own certificates made without it (a sharded run's merge) ---------
+def test_replay_answers_own_certificates_as_the_memory_in_key_order():
+    from ancer.memory import OwnCertificate, replay
+    from ancer.noise import Gaussian
+
+    centers = [torch.tensor([0.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([3.0, 0.0]),
+               torch.tensor([9.0, 9.0])]
+    own = [OwnCertificate(key, x, label, p, Gaussian(sigma), 0.0)
+           for key, x, label, p, sigma in [(0, centers[0], 0, 0.8413, 1.2),
+                                           (5, centers[1], 1, 0.9772, 1.5),
+                                           (7, centers[2], 1, 0.95, 1.5),
+                                           (9, centers[3], ABSTAIN, 0.3, 1.0)]]
+    own = [OwnCertificate(c.key, c.x, c.label, c.p_lower, c.noise,
+                          c.noise.region(c.x, c.p_lower).proxy_radius if c.label != ABSTAIN else 0.0)
+           for c in own]
+    memory, outcomes = replay("l2", list(reversed(own)))  # given in any order, run by key
+    direct = Memory("l2")
+    expected = [direct.certify(c.x, c.label, c.region(), key=c.key) for c in own]
+    assert memory.processed == [0, 5, 7, 9] == direct.processed
+    assert [o.summary for o in outcomes] == [o.summary for o in expected]
+    assert outcomes[1].summary == "override:0" and outcomes[1].source_key == 0
+    assert [o.action for o in outcomes] == ["kept", "overridden", "shrunk", "abstained"]
+    assert outcomes[2].summary == f"shrunk:{outcomes[2].factor!r}"
+
+
+def test_replay_refuses_a_certificate_that_is_not_its_record():
+    from ancer.memory import OwnCertificate, replay
+    from ancer.noise import Gaussian
+
+    x = torch.tensor([0.0, 0.0])
+    wrong_radius = OwnCertificate(3, x, 0, 0.9, Gaussian(1.0), 0.5)
+    with pytest.raises(ResultsError, match="idx 3: its scales give radius"):
+        replay("l2", [wrong_radius])
+    below_half = OwnCertificate(4, x, 0, 0.4, Gaussian(1.0), 0.0)
+    with pytest.raises(ResultsError, match="idx 4: class 0 with p_lower 0.4"):
+        replay("l2", [below_half])

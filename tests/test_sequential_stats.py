@@ -455,3 +455,19 @@ def test_invalid_counts_raise():
         max_certifiable_probability(0, 0.01)
     with pytest.raises(ArgumentError, match="alpha"):
         max_certifiable_probability(100, 0.0)
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 1e-9, 1e-12, 1e-15])
+@pytest.mark.parametrize("threshold", [0.6, 0.8413, 0.99])
+def test_boundaries_keep_their_level_at_tiny_alpha(alpha, threshold):
+    # The boundaries, checked by the independent full-length recursion, keep to the spending
+    # at every look and are the tightest that do, however small alpha is: the computation is
+    # exact up to relative rounding, which the safety margin covers (an FFT's absolute
+    # round-off, about 1e-16 of the total mass, moves boundaries both ways at alpha = 1e-15).
+    looks = look_times(10_000, 500, 1.25)
+    boundaries, level = rejection_boundaries(threshold, alpha, looks, 0.5)
+    cumulative, lowered = _brute_force(threshold, looks, boundaries)
+    assert level == pytest.approx(cumulative[-1], rel=1e-6)
+    for look, spent, spent_lowered in zip(looks, cumulative, lowered):
+        allowed = alpha * (look / looks[-1]) ** 0.5
+        assert spent <= allowed < spent_lowered * (1 + 1e-6)

@@ -1,12 +1,9 @@
 """Sharded data-dependent runs (``--method dds|ancer`` with ``--shard`` or torchrun): raw
-shard rows, and the memory replayed at the merge (certify/replay.py, certify/merge.py).
-
-The model makes memory conflicts on purpose: it answers class 1 iff the mean squared
-distance of the image to mid-grey exceeds 0.09. Under noise of standard deviation σ that
-mean grows by about σ², so the smoothed class flips from 0 to 1 as σ grows, and inputs
-whose data-dependent σ differ get overlapping regions of different classes. The inputs are
-one ±1 pattern scaled by growing amplitudes, so neighbours are close: the memory shrinks
-and overrides some of their certificates.
+shard rows, and the memory replayed at the merge (certify/replay.py, certify/merge.py) on the
+energy model of cli_helpers.py.
+The model makes memory conflicts on purpose (class 1 iff the image is far from mid-grey, a
+class that flips as σ grows), and its inputs are close neighbours: the memory shrinks and
+overrides some of their certificates.
 """
 
 from __future__ import annotations
@@ -19,17 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from ancer.memory import Memory
 from certify.replay import memory_path
 from certify.report import memory_counts
 from certify.results import COLUMNS, Row, read_results, read_sidecar
 from certify.scales import scales_path
-from cli_helpers import certify, rows_without_time
+from cli_helpers import certify, make_energy_files, rows_without_time
 
 REPO = Path(__file__).resolve().parents[1]
 N_INPUTS = 12
@@ -38,26 +33,9 @@ OPTIONS = {"dds": ("--method", "dds", "--opt-iterations", "10", "--opt-samples",
            "ancer": ("--method", "ancer", "--opt-iterations", "5", "--opt-samples", "16")}
 
 
-class Energy(nn.Module):
-    """Logits ±40·(mean((x − 0.5)²) − 0.09): class 1 iff the image is far from mid-grey."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        energy = ((x - 0.5) ** 2).mean(dim=(1, 2, 3))
-        return torch.stack([40 * (0.09 - energy), 40 * (energy - 0.09)], dim=1)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("memory")
-    model = root / "energy.pt"
-    torch.jit.save(torch.jit.script(Energy().eval()), model)
-    pattern = np.random.default_rng(0).choice([-1.0, 1.0], (8, 8, 3))
-    amplitude = np.linspace(0.12, 0.2, N_INPUTS)[:, None, None, None]
-    x = np.clip(np.round(127.5 + 255 * amplitude * pattern), 0, 255).astype(np.uint8)
-    energy = ((x / 255 - 0.5) ** 2).mean(axis=(1, 2, 3))
-    data = root / "energy.npz"
-    np.savez(data, x=x, y=(energy + 0.25**2 > 0.09).astype(np.int64))  # the class at σ = 0.25
-    return {"model": model, "data": data}
+    return make_energy_files(tmp_path_factory.mktemp("memory"), N_INPUTS)
 
 
 def run_args(files, out: Path, method: str, *more: str) -> list[str]:

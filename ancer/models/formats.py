@@ -6,8 +6,8 @@ The formats (``Recognized.format``):
   (locuslab/smoothing, ``code/train.py``) and SmoothAdv (Salman et al. 2019): the state
   dict of ``Sequential(NormalizeLayer, net)``, keys ``1.<...>`` (``1.module.<...>`` when
   the network was wrapped in DataParallel, as their ImageNet ``resnet50`` is).
-- ``"ddrs"``: ``{'epoch', 'state_dict', 'optimizer_param'}`` (DDRS and ANCER, Alfarra et
-  al. 2022), the same state dict without an architecture name.
+- ``"ddrs"``: ``{'epoch', 'state_dict', 'optimizer_param'}`` (DDRS, Alfarra et al. 2022, and
+  ANCER, Eiras et al. 2022), the same state dict without an architecture name.
 - ``"macer"``: ``{'net': state_dict, 'epoch'}`` (MACER, Zhai et al. 2020, RuntianZ/macer
   ``main.py``): the bare network, trained on unnormalized inputs in [0, 1].
 - ``"state_dict"``: a bare state dict, or ``{'state_dict': ...}`` without ``arch``.

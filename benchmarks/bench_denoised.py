@@ -166,10 +166,10 @@ def compare_curves(found: Dict[str, dict]) -> Dict[str, object]:
         summary["images_compared"] = images
         summary["denoised_over_clean_at_0.25"] = (b[1] / a[1]) if a[1] > 0 else float("inf")
         summary["clean_at_0.25"], summary["denoised_at_0.25"] = a[1], b[1]
-    if "clean-dncnn" in found:
+    if found.get("clean-dncnn", {}).get("forward_passes"):
         images = found["clean-dncnn"]["images"]
         summary["sequential_pass_ratio"] = (N0 + N) * images / found["clean-dncnn"]["forward_passes"]
-    if "clean-dncnn-long" in found:
+    if found.get("clean-dncnn-long", {}).get("forward_passes"):
         images = found["clean-dncnn-long"]["images"]
         summary["sequential_pass_ratio_n100000"] = (
             (N0 + LONG_N) * images / found["clean-dncnn-long"]["forward_passes"])

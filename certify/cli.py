@@ -49,7 +49,8 @@ def run_parser() -> argparse.ArgumentParser:
                     "Eiras et al. 2022). Rerunning the same command resumes the run.",
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
                "'certify merge --out RESULTS.tsv' (join shard files), "
-               "'certify train ...' (train a base classifier). "
+               "'certify train ...' (train a base classifier), "
+               "'certify train-denoiser ...' (train a denoiser for --denoiser). "
                "Example: certify --model ckpt.pth.tar --sigma 0.25 --data cifar-10-batches-py "
                "--out results.tsv (without --data a CIFAR-10 model certifies the shipped test "
                "images); certify --demo runs the shipped model.",
@@ -73,6 +74,11 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                       help="restore the normalization layer in front of a state dict's network "
                            "(default: yes, except for MACER checkpoints, trained on raw inputs)")
+    what.add_argument("--denoiser", metavar="PATH",
+                      help="denoised smoothing: certify model(denoiser(x)); a DnCNN/MemNet "
+                           "checkpoint (Salman et al.'s or 'certify train-denoiser'), a diffusers "
+                           "UNet folder (one-shot diffusion, needs the [diffusion] extra) or "
+                           "TorchScript (default: none)")
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
     what.add_argument("--data", metavar="DIR",
@@ -370,11 +376,22 @@ def _train(args: argparse.Namespace) -> int:
     return train_cli.run(args)
 
 
+def _train_denoiser_parser() -> argparse.ArgumentParser:
+    from certify import train_denoiser_cli
+    return train_denoiser_cli.parser()
+
+
+def _train_denoiser(args: argparse.Namespace) -> int:
+    from certify import train_denoiser_cli
+    return train_denoiser_cli.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int]]] = {
     "report": (report_parser, _report),
     "merge": (merge_parser, _merge),
     "train": (_train_parser, _train),
+    "train-denoiser": (_train_denoiser_parser, _train_denoiser),
 }
 
 

@@ -23,6 +23,7 @@ import torch
 
 import ancer
 from ancer.data import ImageDataset, class_names, load_dataset
+from ancer.denoisers import load_denoiser
 from ancer.devices import device_name, resolve_device
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
@@ -52,6 +53,7 @@ class RunSpec:
     norm_stats: Optional[str] = None
     normalize: Optional[bool] = None
     labels_sorted: bool = False
+    denoiser: Optional[str] = None
     data: Optional[str] = None
     dataset: Optional[str] = None
     synsets: Optional[str] = None
@@ -122,6 +124,8 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     device = resolve_device(spec.device, launch.local_rank)
     loaded = load_model(spec.model, arch=spec.arch, dataset=spec.norm_stats, trust=spec.trust,
                         normalize=spec.normalize, map_location=device)
+    if fields.get("sigma") is None and spec.denoiser is not None:
+        fields = {**fields, "sigma": _denoiser_sigma(spec.denoiser, notes)}
     config = CertifyConfig(**_with_defaults(fields, loaded, spec.model, notes))
     kind, data = _data_source(spec, loaded, notes)
     extra = dataset_options(kind, loaded.num_classes, spec.synsets)
@@ -133,7 +137,10 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
                            "selects no input: check --max")
     _check_classes(kind, data, dataset, loaded, spec.any_classes)
     planned = len(dataset) * (config.n0 + config.n)
-    certifier = Certifier(loaded, config, device=device, planned_samples=planned)
+    denoiser = None if spec.denoiser is None else load_denoiser(
+        str(Path(spec.denoiser).resolve()), config.sigma, map_location=device)
+    certifier = Certifier(loaded, config, device=device, planned_samples=planned,
+                          denoiser=denoiser)
     settings = {
         "model_sha256": loaded.sha256, "arch": loaded.arch, **model_options(spec), "dataset": kind,
         "data": str(Path(data).resolve()), **extra, **certifier.settings(),
@@ -151,6 +158,17 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
                          "compile_resolved": certifier.compiled},
     }
     return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
+
+
+def _denoiser_sigma(path: str, notes: list[str]) -> Optional[float]:
+    """The σ a denoiser checkpoint records as its training noise, for a run without
+    ``--sigma`` (a note says so); None when it records none (a diffusion folder never does)."""
+    recorded = load_denoiser(path).sigma if Path(path).is_file() else None
+    if recorded is None:
+        return None
+    notes.append(f"no --sigma given: using σ = {recorded:g}, recorded in the denoiser "
+                 "checkpoint as its training noise")
+    return recorded
 
 
 def _with_defaults(fields: dict[str, Any], loaded: LoadedModel, model: str,

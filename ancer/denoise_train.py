@@ -1,4 +1,4 @@
-"""Training a denoiser for denoised smoothing (Salman et al., NeurIPS 2020).
+"""Training a denoiser for denoised smoothing (Salman et al. 2020, NeurIPS).
 
 Salman, Sun, Yang, Kapoor, Kolter, "Denoised Smoothing: A Provable Defense for Pretrained
 Classifiers", NeurIPS 2020; defaults as the authors' ``code/train_denoiser.py``

@@ -1,8 +1,9 @@
 """Denoised smoothing: a denoiser D in front of a classifier f, smoothed as f∘D.
 
-Salman et al., "Denoised Smoothing: A Provable Defense for Pretrained Classifiers",
-NeurIPS 2020 (trained DnCNN/MemNet denoisers); Carlini et al., "(Certified!!) Adversarial
-Robustness for Free!", ICLR 2023 (one step of a diffusion model).
+Salman et al. 2020, "Denoised Smoothing: A Provable Defense for Pretrained Classifiers"
+(NeurIPS; trained DnCNN/MemNet denoisers); Carlini et al. 2023, "(Certified!!) Adversarial
+Robustness for Free!" (ICLR; one step of a diffusion model). Full entries: docs/design.md,
+References.
 """
 from ancer.denoisers.archs import DENOISER_ARCHITECTURES, create_denoiser
 from ancer.denoisers.compose import Denoised

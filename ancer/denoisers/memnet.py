@@ -1,7 +1,7 @@
 """MemNet, the other denoiser architecture of Salman et al.
 
 Salman, Sun, Yang, Kapoor, Kolter, "Denoised Smoothing", NeurIPS 2020
-(microsoft/denoised-smoothing, ``code/archs/memnet.py``; the network of Tai et al.'s MemNet,
+(microsoft/denoised-smoothing, ``code/archs/memnet.py``; the network of Tai et al. 2017's MemNet,
 ICCV 2017). Every unit is BN → ReLU → conv (no bias). A feature extractor, ``memory
 blocks`` each made of ``residual blocks`` (two units plus a skip) whose outputs, with the
 outputs of all earlier memory blocks, a 1×1 gate unit fuses; a reconstructor back to the

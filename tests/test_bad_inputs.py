@@ -181,7 +181,7 @@ CLI_CASES = [
     (("train", "--arch", "resnet1000", "--dataset", "npz", "--data", "{data.npz}",
       "--sigma", "0.25", "--out", "{tmp}/t.pt"), "--arch"),
     (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{data.npz}",
-      "--sigma", "0", "--out", "{tmp}/t.pt"), "--sigma"),
+      "--sigma", "-0.25", "--out", "{tmp}/t.pt"), "--sigma"),
     (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{missing.npz}",
       "--sigma", "0.25", "--out", "{tmp}/t.pt"), "missing.npz"),
     (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{data.npz}",

@@ -261,6 +261,8 @@ class Uniform(Noise):
 
 
 NOISES = {"l2": Gaussian, "l1": Uniform}
+#: The same noises by family name ("gaussian", "uniform"), as training names them.
+FAMILIES = {cls.family: cls for cls in NOISES.values()}
 
 
 def noise_for_norm(norm: str, sigma: Scale) -> Noise:

@@ -143,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr-gamma", type=float, default=0.1,
                      help="decay factor of the step schedule (default %(default)s)")
     opt.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                     help="random crop and flip (default on; --no-augment: none)")
+                     help="random crop and flip (default %(default)s; --no-augment: none)")
     opt.add_argument("--seed", type=int, default=0,
                      help="seed of the initialization, data order and noise "
                           "(default %(default)s)")
@@ -187,12 +187,13 @@ def progress_bar(quiet: bool = False) -> Optional[Callable[[Progress], None]]:
             bar = tqdm(total=p.steps, desc=f"epoch {p.epoch}/{p.epochs}", file=sys.stderr,
                        dynamic_ncols=True, mininterval=5.0)
         bar.update(1)
-        bar.set_postfix(loss=f"{p.loss:.4f}", **{k: f"{v:.4f}" for k, v in p.terms.items()},
+        terms = p.terms if len(p.terms) > 1 else {}  # a single term is the loss itself
+        bar.set_postfix(loss=f"{p.loss:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
                         acc=f"{p.accuracy:.4f}", lr=f"{p.lr:.4g}", refresh=False)
         if p.step == p.steps:
             bar.close()
-            terms = "".join(f", {k} {v:.4f}" for k, v in p.terms.items())
-            print(f"epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}{terms}, accuracy under noise "
+            said = "".join(f", {k} {v:.4f}" for k, v in terms.items())
+            print(f"epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}{said}, accuracy under noise "
                   f"{p.accuracy:.4f}", flush=True)
 
     return update
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                        workers=args.workers, callback=progress_bar(args.quiet))
     if result.history:
         last = result.history[-1]
-        print(f"trained {args.arch} ({config.method.name}) for {last.epoch} epochs: loss "
+        print(f"trained {args.arch} for {last.epoch} epochs ({config.method.name}): loss "
               f"{last.loss:.4f}, accuracy under noise {last.accuracy:.4f}; checkpoint "
               f"{result.checkpoint}")
     return 0

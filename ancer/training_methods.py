@@ -147,8 +147,8 @@ CONSISTENCY_LAMBDA = ((0.25, 20.0), (math.inf, 10.0))
 
 @dataclass(frozen=True)
 class Consistency(TrainingMethod):
-    """Consistency regularization (Jeong & Shin, NeurIPS 2020, §3, Eq. (9) with the
-    KL form of Eq. (7)): with m noisy copies of each input,
+    """Consistency regularization (Jeong & Shin, NeurIPS 2020; their ``code/consistency.py``,
+    ``loss='default'``, the form their paper's results use): with m noisy copies of each input,
 
         mean_i CE(f(x + δ_i), y) + λ · mean_i KL(p̄ ‖ p_i) + η · H(p̄),
 
@@ -203,7 +203,7 @@ def consistency_terms(logits: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.
 
 @dataclass(frozen=True)
 class Macer(TrainingMethod):
-    """MACER (Zhai et al., ICLR 2020, §3 and Algorithm 1; RuntianZ/macer ``macer.py``):
+    """MACER (Zhai et al., ICLR 2020, Algorithm 1; RuntianZ/macer ``macer.py``):
     with k noise draws per input, the soft smoothed outputs p̄ = mean_i softmax(f(x + δ_i))
     and q = mean_i softmax(β·f(x + δ_i)), the loss of a batch of N inputs is
 
@@ -214,8 +214,10 @@ class Macer(TrainingMethod):
     authors drop the NaN/inf terms, and inputs outside S add nothing (but still count in N).
     Defaults are the authors' code's for CIFAR-10: k = 16, β = 16, γ = 8, λ = 12
     (``main.py``; σ = 0.25 in their README's example). The paper also lists other λ for other
-    σ, which we did not verify against the paper; pass ``lbd`` for those. Their optimizer
-    (lr 0.01, batch 64, weight decay 5e-4, 440 epochs) is TrainConfig's to set.
+    σ, which we did not verify against the paper; pass ``lbd`` for those. The authors' code
+    keeps λ fixed from the first epoch (Jeong & Shin's reproduction adds a ``--deferred``
+    option, λ = 0 until the first learning-rate drop, not offered here). Their optimizer (lr
+    0.01, batch 64, weight decay 5e-4, 440 epochs) is TrainConfig's to set.
 
     Gaussian noise only: the hinge is on the Gaussian l2 radius.
     """
@@ -259,8 +261,8 @@ def macer_terms(logits: torch.Tensor, y: torch.Tensor, sigma: float, beta: float
 
 @dataclass(frozen=True)
 class SmoothAdv(TrainingMethod):
-    """SmoothAdv with PGD (Salman et al., NeurIPS 2019, §3, Eq. (S) and Algorithm 1;
-    Hadisalman/smoothing-adversarial ``code/attacks.py`` ``PGD_L2``, ``code/train_pgd.py``).
+    """SmoothAdv with PGD (Salman et al., NeurIPS 2019; Hadisalman/smoothing-adversarial
+    ``code/attacks.py`` ``PGD_L2._attack_mutlinoise``, ``code/train_pgd.py``).
 
     For each input, m noise draws δ_1..δ_m are fixed, and ``steps`` steps of l2 PGD from
     x' = x maximize the soft smoothed classifier's loss −log mean_i softmax(f(x' + δ_i))_y:

@@ -29,12 +29,14 @@ from ancer.errors import ArgumentError
 from ancer.models import available_models
 from ancer.noise import FAMILIES
 from ancer.train import SCHEDULES, Progress, TrainConfig, preload, train
-from ancer.training_methods import CONSISTENCY_LAMBDA, METHODS, make_method
+from ancer.training_methods import CONSISTENCY_LAMBDA, METHODS, GaussianAugmentation, make_method
 from certify.arguments import Parser, _positive_int
 
 PROG = "certify train"
 
 
+#: TrainConfig's defaults, which the flags show and use
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 #: TrainConfig's fields and their flags
 CONFIG_FLAGS = {
     "sigma": "--sigma", "noise": "--noise", "epochs": "--epochs", "batch_size": "--batch-size",
@@ -109,10 +111,10 @@ def parser() -> argparse.ArgumentParser:
     noise = p.add_argument_group("noise and method")
     noise.add_argument("--sigma", type=float, required=True,
                        help="noise standard deviation (required)")
-    noise.add_argument("--noise", choices=sorted(FAMILIES), default="gaussian",
+    noise.add_argument("--noise", choices=sorted(FAMILIES), default=DEFAULTS["noise"],
                        help="gaussian (l2) or uniform (l1, half-width sqrt(3)*sigma) "
                             "(default %(default)s)")
-    noise.add_argument("--method", choices=list(METHODS), default="gaussian",
+    noise.add_argument("--method", choices=list(METHODS), default=GaussianAugmentation.name,
                        help="training objective: noise augmentation (gaussian), consistency "
                             "regularization, MACER or SmoothAdv (default %(default)s)")
     for name, flag in METHOD_FLAGS.items():
@@ -124,27 +126,27 @@ def parser() -> argparse.ArgumentParser:
                            help=f"{METHOD_HELP[name]} (default {_method_defaults(name)})")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--epochs", type=int, default=90,
+    opt.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
                      help="epochs in all; --resume continues up to this number "
                           "(default %(default)s)")
-    opt.add_argument("--batch-size", type=int, default=256,
+    opt.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                      help="inputs per SGD step (default %(default)s)")
-    opt.add_argument("--lr", type=float, default=0.1,
+    opt.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                      help="initial learning rate of SGD (default %(default)s)")
-    opt.add_argument("--momentum", type=float, default=0.9,
+    opt.add_argument("--momentum", type=float, default=DEFAULTS["momentum"],
                      help="SGD momentum (default %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=1e-4,
+    opt.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
                      help="SGD weight decay (default %(default)s)")
-    opt.add_argument("--schedule", choices=SCHEDULES, default="step",
+    opt.add_argument("--schedule", choices=SCHEDULES, default=DEFAULTS["schedule"],
                      help="learning-rate schedule: step decay every --lr-step epochs or cosine "
                           "annealing to 0 (default %(default)s)")
-    opt.add_argument("--lr-step", type=int, default=30,
+    opt.add_argument("--lr-step", type=int, default=DEFAULTS["lr_step"],
                      help="epochs between decays of the step schedule (default %(default)s)")
-    opt.add_argument("--lr-gamma", type=float, default=0.1,
+    opt.add_argument("--lr-gamma", type=float, default=DEFAULTS["lr_gamma"],
                      help="decay factor of the step schedule (default %(default)s)")
-    opt.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+    opt.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULTS["augment"],
                      help="random crop and flip (default %(default)s; --no-augment: none)")
-    opt.add_argument("--seed", type=int, default=0,
+    opt.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                      help="seed of the initialization, data order and noise "
                           "(default %(default)s)")
 

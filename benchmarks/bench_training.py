@@ -33,7 +33,7 @@ theirs, then the dds/ANCER comparisons. On a 2-core shared CPU the whole protoco
 about a day; run it in the background and rerun to resume, e.g.
 
     nohup timeout 36000 env PYTHONPATH=. python3 benchmarks/bench_training.py \\
-        --data /work/shared/data --threads 1 --commit > bench-training.log 2>&1 &
+        --data DATA --threads 1 --commit > bench-training.log 2>&1 &
 
 Reductions of the issue's protocol, chosen for this machine: the ANCER comparison uses the
 first ``--ancer-inputs`` (default 50) of the 100 images; everything else is as specified.

@@ -179,7 +179,7 @@ class Bench:
         out = self.work / f"{method}-{kind}.tsv"
         extra = [] if kind == "isotropic" else ["--max", str(self.args.ancer_inputs)]
         argv = ["--model", str(self.checkpoint(method)), "--method", kind, "--n", str(self.args.n),
-                "--n0", "100", "--alpha", "0.001", "--seed", "0", "--compile", "off",
+                "--n0", "100", "--alpha", "0.001", "--seed", "0", "--compile", "on",
                 "--quiet", "--out", str(out), *extra]
         print(f"[{time.strftime('%H:%M:%S')}] certify " + " ".join(argv), flush=True)
         start = time.perf_counter()

@@ -21,13 +21,15 @@ released code (repositories named per class); the papers:
   adversarially trained smoothed classifiers", NeurIPS 2019
   (Hadisalman/smoothing-adversarial).
 
-Uniform noise (l1 certificates) is accepted by the methods whose objective uses the noise
-only through its samples and has a uniform-noise form in the literature (Gaussian
-augmentation: Yang et al.; consistency: Yang et al. train their uniform-noise models with
-stability training, a KL term between the predictions on clean and noisy copies of the
-same kind). MACER's robustness term is the Gaussian l2 radius (σ/2)(Φ⁻¹(p_A) − Φ⁻¹(p_B))
-and SmoothAdv attacks in an l2 ball; neither paper nor a follow-up we checked gives a
-uniform-noise form, so they refuse uniform noise.
+Uniform noise (l1 certificates) is accepted where the literature gives the method a
+uniform-noise form, all three from Yang et al.'s released code (tonyduan/rs4a
+``src/train.py``, ``src/attacks.py``), which trains with any of its noises: Gaussian
+augmentation; consistency (their ``--stability`` training penalizes the KL divergence
+between the predictions on two noisy copies, the same kind of term); SmoothAdv (their
+``--adversarial`` training attacks the soft smoothed classifier under the training noise,
+in the l1 ball with ``--adv 1``). MACER's robustness term is the Gaussian l2 radius
+(σ/2)(Φ⁻¹(p_A) − Φ⁻¹(p_B)); neither its paper nor a follow-up we checked gives a
+uniform-noise form, so it refuses uniform noise.
 """
 from __future__ import annotations
 
@@ -264,11 +266,10 @@ class SmoothAdv(TrainingMethod):
     """SmoothAdv with PGD (Salman et al., NeurIPS 2019; Hadisalman/smoothing-adversarial
     ``code/attacks.py`` ``PGD_L2._attack_mutlinoise``, ``code/train_pgd.py``).
 
-    For each input, m noise draws δ_1..δ_m are fixed, and ``steps`` steps of l2 PGD from
-    x' = x maximize the soft smoothed classifier's loss −log mean_i softmax(f(x' + δ_i))_y:
-    each step moves x' by α = 2ε_t/steps along the per-input normalized gradient, clips to
-    [0, 1] and projects x' − x onto the ε_t ball (the model in eval mode meanwhile). The
-    radius warms up linearly, ε_t = min(ε, (t + 1)·ε/warmup) at epoch t (from 0) of the
+    For each input, m noise draws δ_1..δ_m are fixed, and ``steps`` steps of PGD from
+    x' = x maximize the soft smoothed classifier's loss −log mean_i softmax(f(x' + δ_i))_y
+    in the ε_t ball of the norm the noise certifies (see :func:`smooth_pgd`; the model in
+    eval mode meanwhile). The radius warms up linearly, ε_t = min(ε, (t + 1)·ε/warmup) at epoch t (from 0) of the
     run. The model is then trained with CE on every adversarial copy x' + δ_i when
     ``multi_noise`` (the paper's "multi-noise" variant, ``--train-multi-noise``), else on
     x' + δ_1 only.
@@ -277,7 +278,8 @@ class SmoothAdv(TrainingMethod):
     ``--epsilon`` is divided by 256), m = 2 with multi-noise training, a 10-epoch warm-up
     (their fine-tuning command leaves ``--warmup`` at its default, 1). Their batch of B
     inputs is split into m chunks of B/m; batch_size = B/m reproduces their step. DDN is not
-    implemented. Gaussian noise only: the attack and the certificate it targets are l2.
+    implemented. With uniform noise the attack is Yang et al.'s l1 PGD (ICML 2020; see
+    :func:`smooth_pgd`), the rest unchanged.
     """
 
     epsilon: float = 0.25
@@ -287,7 +289,7 @@ class SmoothAdv(TrainingMethod):
     warmup: int = 10
 
     name: ClassVar[str] = "smoothadv"
-    uniform: ClassVar[bool] = False
+    uniform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_number("epsilon", self.epsilon, low=0.0)
@@ -303,7 +305,7 @@ class SmoothAdv(TrainingMethod):
 
     def step_loss(self, model, x, y, noise, generator, epoch):
         draws = _draws(noise, x, self.copies, generator)
-        adversarial = smooth_pgd(model, x, y, draws, self.radius(epoch), self.steps)
+        adversarial = smooth_pgd(model, x, y, draws, self.radius(epoch), self.steps, noise.norm)
         if not self.multi_noise:
             draws = draws[:1]
         logits = _logits(model, adversarial + draws)
@@ -320,10 +322,21 @@ def smoothed_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def smooth_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor,
-               epsilon: float, steps: int) -> torch.Tensor:
-    """SmoothAdv's l2 PGD (see :class:`SmoothAdv`): the adversarial inputs x' with
-    ‖x' − x‖₂ ≤ ``epsilon`` and x' in [0, 1], detached. The model runs in eval mode during
-    the attack and is put back in its previous mode."""
+               epsilon: float, steps: int, norm: str = "l2") -> torch.Tensor:
+    """SmoothAdv's PGD on the soft smoothed classifier (see :class:`SmoothAdv`): the
+    adversarial inputs x' with ‖x' − x‖ ≤ ``epsilon`` and x' in [0, 1], detached, after
+    ``steps`` steps of size α = 2ε/steps from x' = x.
+
+    - ``norm="l2"`` (Salman et al., ``PGD_L2``): x' moves by α along the per-input
+      l2-normalized gradient, is clipped to [0, 1], and x' − x is scaled back into the ball.
+    - ``norm="l1"`` (Yang et al., ICML 2020, rs4a ``pgd_attack_smooth`` with ``adv=1``): the
+      step keeps the gradient's largest 1/16 of entries by magnitude, takes their signs and
+      normalizes them to l1 length α; x' − x is projected onto the l1 ball (Duchi, Shalev-
+      Shwartz, Singer & Chandra, ICML 2008, Fig. 1) and x' clipped to [0, 1].
+
+    The model runs in eval mode during the attack and is put back in its previous mode."""
+    if norm not in ("l2", "l1"):
+        raise ArgumentError(f"norm must be 'l2' or 'l1', got {norm!r}")
     if epsilon == 0:
         return x.detach()
     was_training = model.training
@@ -331,17 +344,51 @@ def smooth_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: torch.
     step_size = 2 * epsilon / steps
     x = x.detach()
     adversarial = x.clone()
+    shape = (-1, *[1] * (x.dim() - 1))
     try:
         for _ in range(steps):
             adversarial.requires_grad_(True)
             loss = smoothed_nll(model, adversarial, y, draws).sum()
             grad, = torch.autograd.grad(loss, [adversarial])
-            norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (x.dim() - 1))
-            moved = (adversarial.detach() + step_size * grad / norms).clamp(0, 1)
-            adversarial = x + (moved - x).renorm(p=2, dim=0, maxnorm=epsilon)
+            adversarial = adversarial.detach()
+            if norm == "l2":
+                direction = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(shape)
+                moved = (adversarial + step_size * direction).clamp(0, 1)
+                adversarial = x + (moved - x).renorm(p=2, dim=0, maxnorm=epsilon)
+            else:
+                direction = _sparse_sign(grad)
+                moved = adversarial + step_size * direction - x
+                adversarial = (x + project_l1_ball(moved, epsilon)).clamp(0, 1)
     finally:
         model.train(was_training)
     return adversarial.detach()
+
+
+def _sparse_sign(grad: torch.Tensor) -> torch.Tensor:
+    """Per input, the signs of the largest 1/16 of the gradient's entries by magnitude (the
+    others 0), scaled to l1 norm 1 (Yang et al.'s l1 ascent direction)."""
+    flat = grad.flatten(1)
+    k = max(1, flat.shape[1] * 15 // 16)
+    threshold = flat.abs().kthvalue(k, dim=1, keepdim=True).values
+    signs = torch.where(flat.abs() >= threshold, flat.sign(), torch.zeros_like(flat))
+    return (signs / signs.abs().sum(1, keepdim=True).clamp(min=1)).view_as(grad)
+
+
+def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
+    """Each input's v (first dimension indexes inputs) projected onto {‖w‖₁ ≤ radius} in l2
+    distance, by sorting (Duchi et al., ICML 2008): w = sign(v)·max(|v| − θ, 0) with θ from
+    the largest ρ whose sorted magnitude exceeds (Σ_{j≤ρ} μ_j − radius)/ρ; inputs already
+    inside are kept."""
+    flat = v.flatten(1)
+    magnitude = flat.abs()
+    mu = magnitude.sort(dim=1, descending=True).values
+    cumulative = mu.cumsum(1)
+    ranks = torch.arange(1, flat.shape[1] + 1, device=v.device, dtype=v.dtype)
+    rho = (mu * ranks > cumulative - radius).sum(1, keepdim=True).clamp(min=1)
+    theta = (cumulative.gather(1, rho - 1) - radius) / rho.to(v.dtype)
+    projected = flat.sign() * (magnitude - theta).clamp(min=0)
+    inside = magnitude.sum(1, keepdim=True) <= radius
+    return torch.where(inside, flat, projected).view_as(v)
 
 
 #: The training methods by name.

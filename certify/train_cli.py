@@ -57,7 +57,8 @@ METHOD_HELP = {
     "copies": "noise draws per input (m)", "lbd": "weight of the regularizer (lambda)",
     "eta": "weight of the entropy of the mean prediction", "draws": "noise draws per input (k)",
     "beta": "inverse temperature of the soft smoothed classifier",
-    "gamma": "hinge on the radius gap", "epsilon": "l2 radius of the attack",
+    "gamma": "hinge on the radius gap",
+    "epsilon": "radius of the attack (l2; l1 with --noise uniform)",
     "steps": "PGD steps", "multi_noise": "train on every noisy copy of the attacked input",
     "warmup": "epochs over which the attack radius grows linearly to --epsilon",
 }

@@ -10,11 +10,11 @@ from torch import nn
 from ancer import load_model
 from ancer.errors import ArgumentError
 from ancer.models import registry
-from ancer.noise import Gaussian
+from ancer.noise import Gaussian, Uniform
 from ancer.train import TrainConfig, train
 from ancer.training_methods import (Consistency, GaussianAugmentation, Macer, SmoothAdv,
-                                    consistency_terms, macer_terms, make_method, smooth_pgd,
-                                    smoothed_nll)
+                                    consistency_terms, macer_terms, make_method,
+                                    project_l1_ball, smooth_pgd, smoothed_nll)
 from certify.cli import main as certify_main
 from test_train import TINY, _colors, _npz_args, _TinyNet  # noqa: F401  (fixture below)
 
@@ -111,24 +111,38 @@ def test_consistency_lambda_default_depends_on_sigma():
 
 
 # -- SmoothAdv ---------------------------------------------------------------------------
-def test_smoothadv_attack_beats_a_random_direction_and_stays_in_the_ball():
+@pytest.mark.parametrize("norm, p, epsilon", [("l2", 2, 0.5), ("l1", 1, 4.0)])
+def test_smoothadv_attack_beats_a_random_direction_and_stays_in_the_ball(norm, p, epsilon):
     torch.manual_seed(0)
     model = _TinyNet(3).eval()
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
     draws = 0.25 * torch.randn(4, *x.shape, generator=torch.Generator().manual_seed(1))
-    epsilon = 0.5
-    adversarial = smooth_pgd(model, x, y, draws, epsilon, steps=10)
-    moved = (adversarial - x).flatten(1).norm(dim=1)
-    assert (moved <= epsilon + 1e-5).all() and moved.max() > epsilon / 2
+    adversarial = smooth_pgd(model, x, y, draws, epsilon, steps=10, norm=norm)
+    moved = (adversarial - x).flatten(1).norm(p=p, dim=1)
+    assert (moved <= epsilon * (1 + 1e-5)).all() and moved.max() > epsilon / 2
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    direction *= (moved / direction.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    direction *= (moved / direction.flatten(1).norm(p=p, dim=1)).view(-1, 1, 1, 1)
     with torch.no_grad():
         attacked = smoothed_nll(model, adversarial, y, draws)
         randomly = smoothed_nll(model, (x + direction).clamp(0, 1), y, draws)
         clean = smoothed_nll(model, x, y, draws)
     assert (attacked > randomly).all() and (attacked > clean).all()
     assert not model.training
+
+
+def test_l1_projection_by_hand_and_against_its_optimality_conditions():
+    v = torch.tensor([[3.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.2, -0.3, 0.1]])
+    w = project_l1_ball(v, 1.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.0], [0.5, -0.5, 0.0],
+                                                [0.2, -0.3, 0.1]]))
+    v = torch.randn(20, 50, generator=torch.Generator().manual_seed(0))
+    w = project_l1_ball(v, 3.0)
+    assert torch.allclose(w.abs().sum(1), torch.full((20,), 3.0), atol=1e-4)
+    # KKT: v − w = θ·sign(w) on w's support and |v| <= θ off it, for one θ >= 0 per input
+    theta = ((v - w).abs() * (w != 0)).amax(1, keepdim=True)
+    assert torch.allclose(((v - w) * w.sign())[w != 0], theta.expand_as(w)[w != 0], atol=1e-5)
+    assert (v.abs()[w == 0] <= theta.expand_as(w)[w == 0] + 1e-5).all()
 
 
 def test_smoothadv_warms_up_its_radius():
@@ -194,17 +208,34 @@ def test_init_starts_from_the_checkpoint_and_checks_it(tmp_path):
     (lambda: make_method("mixup", 0.25), "method must be one of"),
     (lambda: make_method("consistency", 0.25, beta=2.0), "beta applies to method=macer only"),
     (lambda: TrainConfig(sigma=0.25, noise="uniform", method=Macer()), "Gaussian smoothing"),
-    (lambda: TrainConfig(sigma=0.25, noise="uniform", method=SmoothAdv()), "Gaussian smoothing"),
 ])
 def test_bad_hyperparameters_are_refused(bad, says):
     with pytest.raises(ArgumentError, match=says):
         bad()
 
 
-def test_uniform_noise_works_with_the_methods_that_have_a_form_for_it(tmp_path):
+@pytest.mark.parametrize("method", [Consistency(), SmoothAdv(steps=2, warmup=1)],
+                         ids=lambda m: m.name)
+def test_uniform_noise_works_with_the_methods_that_have_a_form_for_it(tmp_path, method):
     result = train(TINY, _colors(48), tmp_path / "u.pt",
-                   _config(Consistency(), noise="uniform", epochs=1))
+                   _config(method, noise="uniform", epochs=1))
     assert math.isfinite(result.history[0].loss)
+
+
+def test_smoothadv_attacks_in_the_norm_of_the_noise(monkeypatch):
+    """Uniform noise: the l1 attack, whose perturbations keep l1 norm <= ε; Gaussian noise:
+    the l2 attack, whose perturbations of l2 norm up to ε have l1 norm far above ε."""
+    import ancer.training_methods as methods
+    model, x, y = _TinyNet(3), torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    method, epsilon = SmoothAdv(epsilon=2.0, steps=5, copies=2, warmup=1), 2.0
+    attacked = []
+    monkeypatch.setattr(methods, "smooth_pgd",
+                        lambda *a, **kw: attacked.append(smooth_pgd(*a, **kw)) or attacked[-1])
+    for noise in (Uniform(0.25), Gaussian(0.25)):
+        method.step_loss(model, x, y, noise, torch.Generator().manual_seed(0), epoch=0)
+    l1_uniform, l1_gaussian = ((a - x).flatten(1).norm(p=1, dim=1) for a in attacked)
+    assert (l1_uniform <= epsilon * (1 + 1e-5)).all() and l1_uniform.max() > epsilon / 2
+    assert (l1_gaussian > 2 * epsilon).all()
 
 
 # -- certify train -----------------------------------------------------------------------

@@ -106,9 +106,10 @@ class TrainingMethod:
     def check_noise(self, noise: str) -> None:
         """Refuse a noise the method has no form for."""
         if noise == "uniform" and not self.uniform:
+            others = " or ".join(name for name, cls in METHODS.items() if cls.uniform)
             raise ArgumentError(
                 f"method={self.name} is defined for Gaussian smoothing (l2) only; use "
-                "noise=gaussian, or method=gaussian or consistency for l1")
+                f"noise=gaussian, or method={others} for l1")
 
     def record(self) -> Dict[str, Any]:
         """The method's name and hyperparameters, for a checkpoint."""

@@ -270,10 +270,10 @@ class SmoothAdv(TrainingMethod):
     For each input, m noise draws δ_1..δ_m are fixed, and ``steps`` steps of PGD from
     x' = x maximize the soft smoothed classifier's loss −log mean_i softmax(f(x' + δ_i))_y
     in the ε_t ball of the norm the noise certifies (see :func:`smooth_pgd`; the model in
-    eval mode meanwhile). The radius warms up linearly, ε_t = min(ε, (t + 1)·ε/warmup) at epoch t (from 0) of the
-    run. The model is then trained with CE on every adversarial copy x' + δ_i when
-    ``multi_noise`` (the paper's "multi-noise" variant, ``--train-multi-noise``), else on
-    x' + δ_1 only.
+    eval mode meanwhile). The radius warms up linearly, ε_t = min(ε, (t + 1)·ε/warmup) at
+    epoch t (from 0) of the run. The model is then trained with CE on every adversarial copy
+    x' + δ_i when ``multi_noise`` (the authors' ``--train-multi-noise``), else on x' + δ_1
+    only.
 
     Defaults are the authors' README command for CIFAR-10: 10 steps, ε = 64/256 (their
     ``--epsilon`` is divided by 256), m = 2 with multi-noise training, a 10-epoch warm-up

@@ -35,13 +35,15 @@ only on the seed, the subset and ``--threads``):
 
 Stages run cheapest-informative first: the Gaussian and consistency fine-tunes, their
 isotropic certificates, then MACER's and SmoothAdv's (each about 15× a Gaussian epoch), then
-theirs, then the dds/ANCER comparisons. Time on this 2-core shared CPU at one thread
-(measured at 50,000 images: Gaussian 417 s and consistency 701 s per epoch, MACER and
-SmoothAdv about 1.7 h each; an isotropic certification of the 100 images at n = 10,000
-about 40 min): at N = 10,000 and E = 2, training takes about 1.5 h (Gaussian 1.4 min,
-consistency 2.3 min, MACER and SmoothAdv about 20 min per epoch), the four isotropic
-certifications about 2.6 h and the eight dds/ANCER runs on 50 images at least as long
-again, about 7 h in all. Run it in the background and rerun the same command to resume, e.g.
+theirs, then the dds/ANCER comparisons. Time on this 2-core shared CPU at one thread: at
+50,000 images a Gaussian epoch took 417 s, a consistency epoch 701 s, MACER and SmoothAdv
+about 1.7 h each, and an isotropic certification of the 100 images at n = 10,000 about
+40 min; steps measured at N = 128 (AMD EPYC, the other core busy): Gaussian 0.7 s per
+128 images, consistency 0.5 s, MACER 13 s and SmoothAdv 5 s per 64. At N = 10,000 and
+E = 2 training takes about 1.5-2 h (Gaussian and consistency 1-2 min per epoch, MACER and
+SmoothAdv 15-35 min), the four isotropic certifications about 2.6 h and the eight dds/ANCER
+runs on 50 images (sampling plus ANCER's optimizer, 15-30 s an input) about 5 h: about 9 h
+in all. Run it in the background and rerun the same command to resume, e.g.
 
     nohup timeout 10800 env PYTHONPATH=. python3 benchmarks/bench_training.py \\
         --data DATA --threads 1 --commit > bench-training.log 2>&1 &
@@ -270,7 +272,7 @@ class Bench:
         stages, E, A = self.results["stages"], self.args.epochs, self.args.ancer_inputs
         N = self.args.train_images
         lines = [f"# Certified training: {E}-epoch fine-tunes of the shipped ResNet-20 (σ = {SIGMA})\n",
-                 f"Every method fine-tuned {E} epochs over a fixed {N:,}-image subset of the "
+                 f"Every method fine-tuned {E} epoch{'s' * (E != 1)} over a fixed {N:,}-image subset of the "
                  f"CIFAR-10 training set ({SUBSET_RULE}; a reduction of the full "
                  f"{TRAIN_SIZE:,}-image protocol at the scale this machine allows). "
                  f"Device: {environment(torch.device('cpu'))['device']}. Certification: the 100 "

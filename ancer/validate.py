@@ -57,7 +57,7 @@ def check_bool(owner: str, field: str, value: Any) -> bool:
 
 def check_checkpoint_path(checkpoint: Path, resume: bool) -> None:
     """A training run may write ``checkpoint``: its folder exists, and it does not exist
-    unless the run ``resume``\ s it (so that no finished run is overwritten by mistake);
+    unless the run resumes it (so that no finished run is overwritten by mistake);
     else the ArgumentError of argument ``checkpoint``."""
     if checkpoint.exists() and not resume:
         raise ArgumentError.of_field(

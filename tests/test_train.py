@@ -14,8 +14,9 @@ from ancer.data import ArrayDataset
 from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import registry
 from ancer.train import TrainConfig, learning_rate, preload, save_checkpoint, train
-from ancer.training_methods import Consistency
+from ancer.training_methods import Consistency, make_method
 from certify import train_cli
+from certify.cli import flag_of, setting_of
 from certify.cli import main as certify_main
 
 ASSETS = Path(__file__).resolve().parents[1] / "certify" / "assets"
@@ -281,3 +282,24 @@ def test_shipped_model_and_sample():
     with torch.no_grad():
         accuracy = (loaded.model(noisy).argmax(1) == torch.from_numpy(y).long()).float().mean()
     assert accuracy > 0.4  # chance is 0.1
+
+
+@pytest.mark.parametrize("bad, says", [
+    (lambda: TrainConfig(sigma=0.25, augment=1),
+     "--augment: 1 is not True or False; give --augment or --no-augment"),
+    (lambda: make_method("smoothadv", 0.25, multi_noise="yes"),
+     "--multi-noise: 'yes' is not True or False; give --multi-noise or --no-multi-noise"),
+    (lambda: make_method("macer", 0.25, steps=2),
+     "--attack-steps: a hyperparameter of smoothadv, not of macer; drop it, or give "
+     "--method smoothadv"),
+])
+def test_train_errors_spell_switches_and_renamed_flags_as_the_command_line_does(bad, says):
+    """The error's field is named by its flag, a boolean given as its switch."""
+    p = train_cli.parser()
+    with pytest.raises(ArgumentError) as caught:
+        bad()
+    spelled = caught.value.spelled(lambda f: flag_of(p, [], f), lambda f: f"{flag_of(p, [], f)} ",
+                                   lambda f, value: setting_of(p, [], f, value))
+    assert spelled == says
+    assert str(caught.value).split(":")[0] in ("TrainConfig.augment", "SmoothAdv.multi_noise",
+                                               "steps")

@@ -16,6 +16,7 @@ names each field of an error by its flag (``--batch-size``, ``--attack-steps``, 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -61,8 +62,8 @@ def _method_defaults(name: str) -> str:
             if f.name == name:
                 default = f.default if f.default is not MISSING else None
                 if method == "consistency" and name == "lbd":  # depends on sigma
-                    default = ", ".join(f"{lbd:g} at sigma <= {top:g}" for top, lbd in
-                                        CONSISTENCY_LAMBDA).replace("at sigma <= inf", "above")
+                    default = ", ".join(f"{lbd:g} at sigma <= {top:g}" if math.isfinite(top)
+                                        else f"{lbd:g} above" for top, lbd in CONSISTENCY_LAMBDA)
                 said.append(f"{method}: {default}")
     return "; ".join(said)
 

@@ -18,7 +18,6 @@ every epoch, and ``resume`` continues from its last finished epoch. Every random
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ from ancer.errors import ArgumentError, CheckpointError
 from ancer.models.checkpoint import read_checkpoint
 from ancer.seeding import derive_seed, make_generator
 from ancer.train import save_checkpoint
+from ancer.validate import (check_bool, check_checkpoint_path, check_choice, check_int,
+                            check_number, not_resumable)
 
 OBJECTIVES = ("mse", "stability")
 
@@ -58,21 +59,16 @@ class DenoiseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("sigma", 0.0), ("lr", 0.0)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
-                raise ArgumentError(f"{name} must be a finite number > {low}, got {value!r}")
-        if self.objective not in OBJECTIVES:
-            raise ArgumentError(f"objective must be one of {', '.join(OBJECTIVES)}, got "
-                                f"{self.objective!r}")
+        owner = "DenoiseConfig"
+        for name in ("sigma", "lr"):
+            check_number(owner, name, getattr(self, name), low=0.0, strict=True)
+        check_choice(owner, "objective", self.objective, OBJECTIVES)
         for name in ("epochs", "batch_size", "lr_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ArgumentError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
-            raise ArgumentError(f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+            check_int(owner, name, getattr(self, name), low=1)
+        check_number(owner, "weight_decay", self.weight_decay, low=0.0)
+        check_number(owner, "lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
+        check_bool(owner, "augment", self.augment)
+        check_int(owner, "seed", self.seed, low=0)
 
     def learning_rate(self, epoch: int) -> float:
         """The step schedule of epoch ``epoch`` (from 0): lr · gamma^(epoch // lr_step)."""
@@ -150,22 +146,20 @@ def train_denoiser(
     kept frozen. ``resume`` continues from ``checkpoint`` when it exists; without it an
     existing ``checkpoint`` is an error."""
     if not isinstance(config, DenoiseConfig):
-        raise ArgumentError(f"config must be a DenoiseConfig, got {type(config).__name__}")
+        raise ArgumentError.of_field("", "config", f"a {type(config).__name__}, not a "
+                                     "DenoiseConfig", "give {config}DenoiseConfig(...)")
     if arch not in DENOISER_ARCHITECTURES:
         create_denoiser(arch)  # raises the unknown-architecture error
     if config.objective == "stability" and classifier is None:
-        raise ArgumentError("the stability objective needs the frozen classifier: give classifier")
+        raise ArgumentError.of_field("", "classifier", "the stability objective needs the "
+                                     "frozen classifier", "give {classifier}CKPT")
     if len(train_set) < config.batch_size:
-        raise ArgumentError(f"the training set has {len(train_set)} items, fewer than "
-                            f"batch_size={config.batch_size}; lower batch_size")
+        raise ArgumentError.of_field(
+            "DenoiseConfig", "batch_size", f"{config.batch_size} is more than the training "
+            f"set's {len(train_set)} items", f"give at most {{batch_size}}{len(train_set)}")
     device = torch.device(device)
     checkpoint = Path(checkpoint)
-    if checkpoint.exists() and not resume:
-        raise ArgumentError(f"checkpoint {str(checkpoint)!r} exists; pass resume=True to continue "
-                            "that run, or choose another checkpoint path")
-    if not checkpoint.parent.is_dir():
-        raise ArgumentError(f"the checkpoint's folder {str(checkpoint.parent)!r} does not exist; "
-                            "create it or choose another checkpoint path")
+    check_checkpoint_path(checkpoint, resume)
     if classifier is not None:
         classifier = freeze(classifier.to(device))
 
@@ -175,7 +169,9 @@ def train_denoiser(
     if init is not None:
         start_from = load_denoiser(init)
         if start_from.arch != arch:
-            raise ArgumentError(f"init {str(init)!r} is a {start_from.arch} denoiser, not {arch}")
+            raise ArgumentError.of_field("", "init", f"{str(init)!r} is a {start_from.arch} "
+                                         f"denoiser, not {arch}",
+                                         f"give {{arch}}{start_from.arch}, or an init of {arch}")
         denoiser.load_state_dict(start_from.module.state_dict())
     denoiser = denoiser.to(device)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr,
@@ -209,8 +205,8 @@ def _resume_state(path: Path, arch: str, config: DenoiseConfig,
     for key, now in (("arch", arch), ("sigma", config.sigma), ("objective", config.objective)):
         was = saved["arch"] if key == "arch" else saved["config"].get(key)
         if was != now:
-            raise ArgumentError(f"cannot resume {str(path)!r}: it was trained with {key}={was!r}, "
-                                f"not {now!r}; use the same settings or another checkpoint path")
+            raise not_resumable("DenoiseConfig" if key != "arch" else "", key, path, repr(now),
+                                repr(was), f"{{{key}}}{was}")
     return saved
 
 

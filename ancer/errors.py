@@ -26,26 +26,41 @@ class ArgumentError(AncerError, ValueError):
         self.field = field
         self._template = template
         super().__init__(message if template is None else self._render(
-            lambda name: f"{owner}.{name}" if owner else name, lambda name: f"{name}="))
+            lambda name: f"{owner}.{name}" if owner else name, lambda name: f"{name}=",
+            lambda name, value: f"{name}={value}"))
 
     @classmethod
     def of_field(cls, owner: str, field: str, problem: str, fix: str) -> "ArgumentError":
         """The error of ``owner``'s ``field`` (of a function's argument when ``owner`` is
         ""): ``problem`` (plain text) and ``fix``, in which ``{name}`` stands for "give field
-        ``name`` the value that follows" (``name=``)."""
+        ``name`` the value that follows" (``name=``) and ``{name:value}`` for "give field
+        ``name`` the value ``value``" (``name=value``; a command line may spell it as a
+        switch, ``--name``)."""
         template = "{}: " + problem.replace("{", "{{").replace("}", "}}") + "; " + fix
         return cls("", field=field, owner=owner, template=template)
 
-    def spelled(self, subject: Callable[[str], str], assign: Callable[[str], str]) -> str:
-        """The message with the field at fault named ``subject(field)`` and each field in
-        the fix ``assign(name)`` (e.g. ``--n0`` and ``--n0 ``); the plain text without a
-        field."""
-        return str(self) if self._template is None else self._render(subject, assign)
+    def spelled(self, subject: Callable[[str], str], assign: Callable[[str], str],
+                setting: Optional[Callable[[str, str], str]] = None) -> str:
+        """The message with the field at fault named ``subject(field)``, each ``{name}`` of
+        the fix ``assign(name)`` (e.g. ``--n0`` and ``--n0 ``) and each ``{name:value}``
+        ``setting(name, value)`` (by default ``assign(name) + value``; e.g. ``--resume``
+        for ``{resume:True}``, a switch); the plain text without a field."""
+        if self._template is None:
+            return str(self)
+        return self._render(subject, assign, setting or (lambda name, value: assign(name) + value))
 
-    def _render(self, subject: Callable[[str], str], assign: Callable[[str], str]) -> str:
+    def _render(self, subject: Callable[[str], str], assign: Callable[[str], str],
+                setting: Callable[[str, str], str]) -> str:
+        class Field:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def __format__(self, value: str) -> str:
+                return setting(self.name, value) if value else assign(self.name)
+
         class Spelling(dict):
-            def __missing__(self, name: str) -> str:
-                return assign(name)
+            def __missing__(self, name: str) -> Field:
+                return Field(name)
         return self._template.replace("{}", subject(self.field), 1).format_map(Spelling())
 
 

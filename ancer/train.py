@@ -46,8 +46,9 @@ from ancer.models.checkpoint import read_checkpoint
 from ancer.models.registry import get_architecture
 from ancer.noise import FAMILIES, Noise
 from ancer.seeding import derive_seed, make_generator
-from ancer.training_methods import (GaussianAugmentation, TrainingMethod, check_int,
-                                    check_number, method_from_record)
+from ancer.training_methods import GaussianAugmentation, TrainingMethod, method_from_record
+from ancer.validate import (check_bool, check_checkpoint_path, check_choice, check_int,
+                            check_number, not_resumable)
 
 PathLike = Union[str, Path]
 
@@ -102,27 +103,27 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_number("sigma", self.sigma, low=0.0)
-        if self.noise not in FAMILIES:
-            raise ArgumentError(f"noise must be one of {sorted(FAMILIES)}, got {self.noise!r}")
+        owner = "TrainConfig"
+        check_number(owner, "sigma", self.sigma, low=0.0)
+        check_choice(owner, "noise", self.noise, sorted(FAMILIES))
         if not isinstance(self.method, TrainingMethod):
-            raise ArgumentError(f"method must be a TrainingMethod (ancer.training_methods), "
-                                f"got {self.method!r}")
+            raise ArgumentError.of_field(owner, "method", f"{self.method!r} is not a "
+                                         "TrainingMethod", "give one of ancer.training_methods, "
+                                         "e.g. Macer()")
         self.method.check_noise(self.noise)
         if self.sigma == 0 and not isinstance(self.method, GaussianAugmentation):
-            raise ArgumentError(f"sigma=0 trains on clean inputs, which only the gaussian method "
-                                f"does: give sigma > 0 for method={self.method.name}")
-        if self.schedule not in SCHEDULES:
-            raise ArgumentError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+            raise ArgumentError.of_field(
+                owner, "sigma", f"0 trains on clean inputs, which only the gaussian method "
+                f"does, not {self.method.name}", "give a number > 0, or {method}gaussian")
+        check_choice(owner, "schedule", self.schedule, SCHEDULES)
         for name in ("epochs", "batch_size", "lr_step"):
-            check_int(name, getattr(self, name), low=1)
-        check_int("seed", self.seed, low=0)
-        check_number("lr", self.lr, low=0.0, strict=True)
-        check_number("momentum", self.momentum, low=0.0, high=1.0)
-        check_number("weight_decay", self.weight_decay, low=0.0)
-        check_number("lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
-        if not isinstance(self.augment, bool):
-            raise ArgumentError(f"augment must be True or False, got {self.augment!r}")
+            check_int(owner, name, getattr(self, name), low=1)
+        check_int(owner, "seed", self.seed, low=0)
+        check_number(owner, "lr", self.lr, low=0.0, strict=True)
+        check_number(owner, "momentum", self.momentum, low=0.0, high=1.0)
+        check_number(owner, "weight_decay", self.weight_decay, low=0.0)
+        check_number(owner, "lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
+        check_bool(owner, "augment", self.augment)
 
     def make_noise(self) -> Optional[Noise]:
         """The training noise at ``sigma``; None for ``sigma == 0`` (clean training)."""
@@ -224,10 +225,9 @@ def _num_classes(train_set: Sequence, num_classes: Optional[int]) -> int:
     if num_classes is None:
         num_classes = getattr(train_set, "num_classes", None)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ArgumentError(
-            f"num_classes must be an integer >= 2, got {num_classes!r}: pass num_classes= "
-            "for a dataset without a num_classes attribute"
-        )
+        raise ArgumentError.of_field(
+            "", "num_classes", f"{num_classes!r} is not an integer >= 2",
+            "give {num_classes}N for a dataset without a num_classes attribute")
     return num_classes
 
 
@@ -235,9 +235,11 @@ def _check_device(device: Union[str, torch.device]) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ArgumentError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+        raise ArgumentError.of_field("", "device", f"{device!r} is not a device",
+                                     "give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError("device is cuda but CUDA is not available here; use device='cpu'")
+        raise ArgumentError.of_field("", "device", "CUDA is not available here",
+                                     "give {device}cpu")
     return device
 
 
@@ -253,15 +255,12 @@ def _resume_state(path: Path, arch: str, config: TrainConfig, device: torch.devi
     for key, now in (("arch", arch), ("noise", config.noise), ("sigma", config.sigma)):
         was = before.get(key)
         if was != now:
-            raise ArgumentError(
-                f"cannot resume {str(path)!r}: it was trained with {key}={was!r}, not {now!r}; "
-                "use the same settings or another checkpoint path"
-            )
+            raise not_resumable("TrainConfig" if key != "arch" else "", key, path, repr(now),
+                                repr(was), f"{{{key}}}{was}")
     was = method_from_record(saved.get("method", GaussianAugmentation().record()))
     if was != config.method:
-        raise ArgumentError(
-            f"cannot resume {str(path)!r}: it was trained with method={was.describe()}, not "
-            f"{config.method.describe()}; use the same settings or another checkpoint path")
+        raise not_resumable("TrainConfig", "method", path, config.method.describe(),
+                            was.describe(), "the same method and hyperparameters")
     return saved
 
 
@@ -275,20 +274,20 @@ def _init_weights(path: Path, arch: str, num_classes: int, config: TrainConfig,
                               "(give a checkpoint written by ancer.train or Cohen et al.'s code)")
     was = saved.get("arch")
     if was is not None and was != arch:
-        raise ArgumentError(f"init {str(path)!r} is a {was} checkpoint, not {arch}; use "
-                            f"arch={was} or an init of architecture {arch}")
+        raise ArgumentError.of_field("", "init", f"{str(path)!r} is a {was} checkpoint, not "
+                                     f"{arch}", f"give {{arch}}{was}, or an init of {arch}")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in saved["state_dict"].items()}
     classes = saved.get("num_classes")
     if classes is not None and classes != num_classes:
-        raise ArgumentError(f"init {str(path)!r} has {classes} classes, the training set "
-                            f"{num_classes}; train on a dataset with {classes} classes or "
-                            "choose another init")
+        raise ArgumentError.of_field("", "init", f"{str(path)!r} has {classes} classes, the "
+                                     f"training set {num_classes}", f"train on a dataset with "
+                                     f"{classes} classes, or give another init")
     if shapes != theirs:
         differ = sorted(set(shapes) ^ set(theirs)) or [k for k in shapes if shapes[k] != theirs[k]]
-        raise ArgumentError(f"init {str(path)!r} does not fit architecture {arch} with "
-                            f"{num_classes} classes (e.g. {differ[0]}); choose an init of "
-                            "that architecture and class count")
+        raise ArgumentError.of_field("", "init", f"{str(path)!r} does not fit architecture "
+                                     f"{arch} with {num_classes} classes (e.g. {differ[0]})",
+                                     "give an init of that architecture and class count")
     sigma = saved.get("sigma")
     if sigma is not None and not math.isclose(float(sigma), config.sigma):
         warnings.warn(f"init {str(path)!r} was trained at sigma {sigma}, training now at sigma "
@@ -355,27 +354,20 @@ def train(
     TrainResult
     """
     if not isinstance(config, TrainConfig):
-        raise ArgumentError(f"config must be a TrainConfig, got {type(config).__name__}")
-    check_int("workers", workers, low=0)
+        raise ArgumentError.of_field("", "config", f"a {type(config).__name__}, not a "
+                                     "TrainConfig", "give {config}TrainConfig(...)")
+    check_int("", "workers", workers, low=0)
     if len(train_set) < config.batch_size:
-        raise ArgumentError(
-            f"the training set has {len(train_set)} items, fewer than batch_size="
-            f"{config.batch_size}; lower batch_size"
-        )
+        raise ArgumentError.of_field(
+            "TrainConfig", "batch_size", f"{config.batch_size} is more than the training set's "
+            f"{len(train_set)} items", f"give at most {{batch_size}}{len(train_set)}")
     num_classes = _num_classes(train_set, num_classes)
     device = _check_device(device)
     if until is not None:
-        check_int("until", until, low=1)
+        check_int("", "until", until, low=1)
         until = min(until, config.epochs)
     checkpoint = Path(checkpoint)
-    if checkpoint.exists() and not resume:
-        raise ArgumentError(
-            f"checkpoint {str(checkpoint)!r} exists; pass resume=True to continue "
-            "that run, or choose another checkpoint path"
-        )
-    if not checkpoint.parent.is_dir():
-        raise ArgumentError(f"the checkpoint's folder {str(checkpoint.parent)!r} does not exist; "
-                            "create it or choose another checkpoint path")
+    check_checkpoint_path(checkpoint, resume)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ancer.errors import ArgumentError
+from ancer.validate import check_bool, check_int, check_number
 from ancer.noise import Noise
 
 
@@ -52,25 +53,6 @@ class StepLoss(NamedTuple):
     loss: torch.Tensor
     terms: Dict[str, torch.Tensor]
     predicted: torch.Tensor
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-    """``value`` is an int (not a bool) >= ``low``, else an ArgumentError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def check_number(name: str, value: Any, low: float, high: float = math.inf,
-                 strict: bool = False) -> None:
-    """``value`` is a finite real in [low, high] ((low, high] when ``strict``), else an
-    ArgumentError naming ``name``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if strict else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        bound += f" and <= {high}" if math.isfinite(high) else ""
-        raise ArgumentError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _logits(model: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
@@ -110,9 +92,9 @@ class TrainingMethod:
         """Refuse a noise the method has no form for."""
         if noise == "uniform" and not self.uniform:
             others = " or ".join(name for name, cls in METHODS.items() if cls.uniform)
-            raise ArgumentError(
-                f"method={self.name} is defined for Gaussian smoothing (l2) only; use "
-                f"noise=gaussian, or method={others} for l1")
+            raise ArgumentError.of_field(
+                "TrainConfig", "method", f"{self.name} is defined for Gaussian smoothing (l2) "
+                "only", f"use {{noise}}gaussian, or {{method}}{others} for l1")
 
     def record(self) -> Dict[str, Any]:
         """The method's name and hyperparameters, for a checkpoint."""
@@ -177,9 +159,9 @@ class Consistency(TrainingMethod):
     uniform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_int("copies", self.copies, low=2)
-        check_number("lbd", self.lbd, low=0.0)
-        check_number("eta", self.eta, low=0.0)
+        check_int(type(self).__name__, "copies", self.copies, low=2)
+        check_number(type(self).__name__, "lbd", self.lbd, low=0.0)
+        check_number(type(self).__name__, "eta", self.eta, low=0.0)
 
     @classmethod
     def for_sigma(cls, sigma, **overrides):
@@ -237,10 +219,10 @@ class Macer(TrainingMethod):
     uniform: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_int("draws", self.draws, low=1)
-        check_number("beta", self.beta, low=0.0)
-        check_number("gamma", self.gamma, low=0.0)
-        check_number("lbd", self.lbd, low=0.0)
+        check_int(type(self).__name__, "draws", self.draws, low=1)
+        check_number(type(self).__name__, "beta", self.beta, low=0.0)
+        check_number(type(self).__name__, "gamma", self.gamma, low=0.0)
+        check_number(type(self).__name__, "lbd", self.lbd, low=0.0)
 
     def step_loss(self, model, x, y, noise, generator, epoch):
         logits = _logits(model, x + _draws(noise, x, self.draws, generator))
@@ -296,12 +278,11 @@ class SmoothAdv(TrainingMethod):
     uniform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_number("epsilon", self.epsilon, low=0.0)
-        check_int("steps", self.steps, low=1)
-        check_int("copies", self.copies, low=1)
-        check_int("warmup", self.warmup, low=1)
-        if not isinstance(self.multi_noise, bool):
-            raise ArgumentError(f"multi_noise must be True or False, got {self.multi_noise!r}")
+        check_number(type(self).__name__, "epsilon", self.epsilon, low=0.0)
+        check_int(type(self).__name__, "steps", self.steps, low=1)
+        check_int(type(self).__name__, "copies", self.copies, low=1)
+        check_int(type(self).__name__, "warmup", self.warmup, low=1)
+        check_bool(type(self).__name__, "multi_noise", self.multi_noise)
 
     def radius(self, epoch: int) -> float:
         """ε_t at epoch ``epoch`` (from 0): the linear warm-up."""
@@ -415,11 +396,13 @@ def make_method(name: str, sigma: float, **overrides: Any) -> TrainingMethod:
     or a hyperparameter the method does not have, is an ArgumentError naming it."""
     cls = METHODS.get(name)
     if cls is None:
-        raise ArgumentError(f"method must be one of {list(METHODS)}, got {name!r}")
+        raise ArgumentError.of_field("", "method", f"{name!r} is not a training method",
+                                     f"give one of {', '.join(METHODS)}")
     names = {f.name for f in fields(cls)}
     for key in overrides:
         if key not in names:
             users = [m for m, c in METHODS.items() if key in {f.name for f in fields(c)}]
-            raise ArgumentError(f"{key} applies to method={' or '.join(users)} only, not "
-                                f"{name}; drop {key} or change method")
+            raise ArgumentError.of_field(
+                "", key, f"a hyperparameter of {' and '.join(users) or 'no method'}, not of "
+                f"{name}", f"drop it, or give {{method}}{' or '.join(users)}")
     return cls.for_sigma(sigma, **overrides)

@@ -329,6 +329,21 @@ def flag_of(parser: argparse.ArgumentParser | None, argv: Sequence[str], field: 
     return field
 
 
+def setting_of(parser: argparse.ArgumentParser | None, argv: Sequence[str], field: str,
+               value: str) -> str:
+    """How the command line gives config field ``field`` the value ``value`` (``True``,
+    ``False`` or a value's text): the switch that sets it (``--resume``, ``--no-augment``),
+    else the flag and the value."""
+    for action in parser._actions if parser is not None else ():
+        if action.dest == field and action.option_strings and action.nargs == 0:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                return next(flag for flag in action.option_strings
+                            if flag.startswith("--no-") == (value == "False"))
+            return action.option_strings[0] if str(action.const) == value else \
+                f"no {action.option_strings[0]}"
+    return f"{flag_of(parser, argv, field)} {value}"
+
+
 def _run(args: argparse.Namespace) -> int:
     temporary = demo.configure(args) if args.demo else None
     try:
@@ -412,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     except ArgumentError as error:
         flag = lambda field: flag_of(parser, argv, field)  # noqa: E731
-        message = error.spelled(flag, lambda field: f"{flag(field)} ")
+        message = error.spelled(flag, lambda field: f"{flag(field)} ",
+                                lambda field, value: setting_of(parser, argv, field, value))
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except jobs.Interrupted as interrupted:

@@ -7,25 +7,24 @@ from ``--init CKPT``. The dataset comes from :func:`ancer.data.load_dataset`; pr
 tqdm bar per epoch with the loss, each of its terms and the accuracy under noise. Rerunning
 the same command with ``--resume`` continues from the checkpoint's last finished epoch.
 
-Flags and the parameters they set are listed once (:data:`CONFIG_FLAGS`,
-:data:`METHOD_FLAGS`, :data:`CALL_FLAGS`): the parser, the translation to
-:class:`ancer.train.TrainConfig` and the errors (``lower --batch-size``, not the Python
-parameter's name) all derive from those tables.
+Every flag's ``dest`` is the name of the parameter it sets (a field of
+:class:`ancer.train.TrainConfig`, a hyperparameter of :mod:`ancer.training_methods` or an
+argument of :func:`ancer.train.train`), so that the parser is the one table from flags to
+parameters: :func:`config_from_args` reads the fields from it, and ``certify``'s main
+names each field of an error by its flag (``--batch-size``, ``--attack-steps``, ``--out``).
 """
 from __future__ import annotations
 
 import argparse
-import re
+import math
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import MISSING, fields
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from ancer.data import load_dataset
-from ancer.errors import ArgumentError
 from ancer.models import available_models
 from ancer.noise import FAMILIES
 from ancer.train import SCHEDULES, Progress, TrainConfig, preload, train
@@ -37,21 +36,12 @@ PROG = "certify train"
 
 #: TrainConfig's defaults, which the flags show and use
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-#: TrainConfig's fields and their flags
-CONFIG_FLAGS = {
-    "sigma": "--sigma", "noise": "--noise", "epochs": "--epochs", "batch_size": "--batch-size",
-    "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
-    "schedule": "--schedule", "lr_step": "--lr-step", "lr_gamma": "--lr-gamma",
-    "augment": "--augment", "seed": "--seed", "method": "--method",
-}
 #: the hyperparameters of ancer.training_methods' methods and their flags
 METHOD_FLAGS = {
     "copies": "--copies", "lbd": "--lbd", "eta": "--eta", "draws": "--draws",
     "beta": "--beta", "gamma": "--gamma", "epsilon": "--epsilon", "steps": "--attack-steps",
     "multi_noise": "--multi-noise", "warmup": "--warmup",
 }
-#: ancer.train.train's other parameters and their flags
-CALL_FLAGS = {"arch": "--arch", "device": "--device", "workers": "--workers", "init": "--init"}
 #: what each hyperparameter means, for --help
 METHOD_HELP = {
     "copies": "noise draws per input (m)", "lbd": "weight of the regularizer (lambda)",
@@ -72,8 +62,8 @@ def _method_defaults(name: str) -> str:
             if f.name == name:
                 default = f.default if f.default is not MISSING else None
                 if method == "consistency" and name == "lbd":  # depends on sigma
-                    default = ", ".join(f"{lbd:g} at sigma <= {top:g}" for top, lbd in
-                                        CONSISTENCY_LAMBDA).replace("at sigma <= inf", "above")
+                    default = ", ".join(f"{lbd:g} at sigma <= {top:g}" if math.isfinite(top)
+                                        else f"{lbd:g} above" for top, lbd in CONSISTENCY_LAMBDA)
                 said.append(f"{method}: {default}")
     return "; ".join(said)
 
@@ -101,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preload", action="store_true",
                    help="decode every image once into memory before training, for small "
                         "datasets (default off)")
-    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file (required)")
+    p.add_argument("--out", dest="checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint file (required)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --out if it exists (default off: an existing --out is "
                         "an error)")
@@ -124,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
             dict(type=int if name in ("copies", "draws", "steps", "warmup") else float)
         if name != "multi_noise":
             options["metavar"] = {"copies": "M", "draws": "K", "lbd": "LAMBDA"}.get(name, name.upper())
-        noise.add_argument(flag, dest="method_" + name, default=None, **options,
+        noise.add_argument(flag, dest=name, default=None, **options,
                            help=f"{METHOD_HELP[name]} (default {_method_defaults(name)})")
 
     opt = p.add_argument_group("optimization")
@@ -165,15 +156,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the parsed flags describe: each field from its flag of
-    :data:`CONFIG_FLAGS`, the method from ``--method`` and the flags of :data:`METHOD_FLAGS`
-    given on the command line (the others keep the method's defaults at ``--sigma``)."""
-    given = {name: getattr(args, "method_" + name) for name in METHOD_FLAGS
-             if getattr(args, "method_" + name) is not None}
-    values = {name: getattr(args, name) for name in CONFIG_FLAGS}
-    with flags_in_errors():
-        values["method"] = make_method(args.method, args.sigma, **given)
-        return TrainConfig(**values)
+    """The TrainConfig the parsed flags describe: each field from the flag of that ``dest``,
+    the method from ``--method`` and the flags of :data:`METHOD_FLAGS` given on the command
+    line (the others keep the method's defaults at ``--sigma``)."""
+    given = {name: getattr(args, name) for name in METHOD_FLAGS
+             if getattr(args, name) is not None}
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    values["method"] = make_method(args.method, args.sigma, **given)
+    return TrainConfig(**values)
 
 
 def progress_bar(quiet: bool = False) -> Optional[Callable[[Progress], None]]:
@@ -203,40 +193,6 @@ def progress_bar(quiet: bool = False) -> Optional[Callable[[Progress], None]]:
     return update
 
 
-#: every parameter name of ancer.train and ancer.training_methods, and its flag
-API_FLAGS = {**CONFIG_FLAGS, **METHOD_FLAGS, **CALL_FLAGS}
-#: phrases of ancer.train's messages and what the command line calls them
-API_PHRASES = {"resume=True": "--resume", "another checkpoint path": "another --out"}
-# A parameter name, with its ``=value`` when the message gives one (value quoted or bare).
-_API_NAME = re.compile(r"\b(?P<name>%s)\b(?:=(?P<value>'[^']*'|[^\s,;:)]*))?"
-                       % "|".join(API_FLAGS))
-
-
-def in_flags(message: str) -> str:
-    """An error message of :mod:`ancer.train` in the command line's words: ``batch_size=256``
-    reads ``--batch-size 256``, ``resume=True`` ``--resume``, ``another checkpoint path``
-    ``another --out``."""
-    for phrase, words in API_PHRASES.items():
-        message = message.replace(phrase, words)
-    return _API_NAME.sub(_flag, message)
-
-
-def _flag(match: re.Match) -> str:
-    """The flag of a matched parameter name, with its value unquoted when it has one."""
-    value = match["value"]
-    return API_FLAGS[match["name"]] + (" " + value.strip("'") if value else "")
-
-
-@contextmanager
-def flags_in_errors() -> Iterator[None]:
-    """Re-raise the ArgumentErrors of :mod:`ancer.train` with the flags in place of its
-    parameter names (see :func:`in_flags`)."""
-    try:
-        yield
-    except ArgumentError as error:
-        raise ArgumentError(in_flags(str(error))) from None
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``certify train`` with parsed arguments; return the exit status."""
     if args.threads is not None:
@@ -246,9 +202,9 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, args.data, **split)
     if args.preload:
         data = preload(data)
-    with flags_in_errors(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.showwarning = _print_warning
-        result = train(args.arch, data, args.out, config, dataset=args.norm_stats,
+        result = train(args.arch, data, args.checkpoint, config, dataset=args.norm_stats,
                        device=args.device, resume=args.resume, init=args.init,
                        workers=args.workers, callback=progress_bar(args.quiet))
     if result.history:

@@ -4,12 +4,16 @@ The command-line face of :func:`ancer.denoise_train.train_denoiser` (Salman et a
 NeurIPS 2020: the MSE objective, or the stability objective through a frozen classifier).
 The dataset comes from :func:`ancer.data.load_dataset`; progress is a tqdm bar per epoch.
 Rerunning the same command with ``--resume`` continues from the checkpoint's last
-finished epoch.
+finished epoch. Every flag's ``dest`` is the name of the parameter it sets (a field of
+:class:`ancer.denoise_train.DenoiseConfig` or an argument of ``train_denoiser``), so that
+the parser is the one table from flags to parameters, and ``certify``'s main names each
+field of an error by its flag.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import Callable, Optional
 
 import torch
@@ -46,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preload", action="store_true",
                    help="decode every image once into memory first, for small datasets "
                         "(default off)")
-    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file (required)")
+    p.add_argument("--out", dest="checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint file (required)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --out if it exists (default off: an existing --out is "
                         "an error)")
@@ -79,8 +84,8 @@ def parser() -> argparse.ArgumentParser:
                      help="epochs between decays of the learning rate (default %(default)s)")
     opt.add_argument("--lr-gamma", type=float, default=0.1,
                      help="decay factor (default %(default)s)")
-    opt.add_argument("--no-augment", action="store_true",
-                     help="no random crop and flip (default off: crop and flip)")
+    opt.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                     help="random crop and flip (default %(default)s; --no-augment: none)")
     opt.add_argument("--seed", type=int, default=0,
                      help="seed of the initialization, order and noise (default %(default)s)")
 
@@ -128,14 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if args.objective == "stability" and args.classifier is None:
         raise ArgumentError("--objective stability needs the frozen classifier: add "
                             "--classifier CKPT")
-    try:
-        config = DenoiseConfig(
-            sigma=args.sigma, objective=args.objective, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            lr_step=args.lr_step, lr_gamma=args.lr_gamma, augment=not args.no_augment,
-            seed=args.seed)
-    except ArgumentError as error:  # the config's names are the flags' with dashes
-        raise ArgumentError("--" + str(error).replace("_", "-")) from None
+    config = DenoiseConfig(**{f.name: getattr(args, f.name) for f in fields(DenoiseConfig)})
     classifier = None
     if args.classifier is not None:
         classifier = load_model(args.classifier, map_location=args.device).model
@@ -143,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, args.data, **split)
     if args.preload:
         data = preload(data)
-    result = train_denoiser(args.arch, data, args.out, config, classifier=classifier,
+    result = train_denoiser(args.arch, data, args.checkpoint, config, classifier=classifier,
                             init=args.init, device=args.device, resume=args.resume,
                             workers=args.workers, callback=progress_bar(args.quiet))
     if result.history:

@@ -185,7 +185,15 @@ CLI_CASES = [
     (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{missing.npz}",
       "--sigma", "0.25", "--out", "{tmp}/t.pt"), "missing.npz"),
     (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{data.npz}",
-      "--sigma", "0.25", "--batch-size", "0", "--out", "{tmp}/t.pt"), "--batch-size"),
+      "--sigma", "0.25", "--batch-size", "0", "--out", "{tmp}/t.pt"), "--batch-size: 0 is not"),
+    (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{data.npz}",
+      "--sigma", "0.25", "--method", "macer", "--lbd", "-1", "--out", "{tmp}/t.pt"), "--lbd: "),
+    (("train", "--arch", "cifar_resnet20", "--dataset", "npz", "--data", "{data.npz}", "--sigma",
+      "0.25", "--method", "smoothadv", "--attack-steps", "0", "--out", "{tmp}/t.pt"),
+     "--attack-steps: 0 is not"),
+    # certify train-denoiser
+    (("train-denoiser", "--arch", "cifar_dncnn_small", "--dataset", "npz", "--data", "{data.npz}",
+      "--sigma", "0.25", "--lr-gamma", "2", "--out", "{tmp}/d.pt"), "--lr-gamma: 2.0 is not"),
 ]
 
 

@@ -79,8 +79,39 @@ def test_stability_training_runs_through_a_frozen_classifier(images, tmp_path):
 def test_bad_training_input_is_one_line(images, tmp_path, capsys):
     assert _train(images, tmp_path / "s.pth.tar", "--objective", "stability") != 0
     assert "--classifier" in capsys.readouterr().err
-    with pytest.raises(ArgumentError):
+    with pytest.raises(ArgumentError, 
+                       match=r"^DenoiseConfig.sigma: 0.0 is not a finite number > 0"):
         DenoiseConfig(sigma=0.0)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--lr-gamma", "2"], "--lr-gamma: 2.0 is not a finite number > 0 and <= 1"),
+    (["--weight-decay", "-1"], "--weight-decay: -1.0 is not a finite number >= 0"),
+    (["--batch-size", "64"], "--batch-size: 64 is more than the training set's 48 items; "
+                             "give at most --batch-size 48"),
+])
+def test_denoiser_errors_name_the_flags_as_typed(images, tmp_path, capsys, extra, says):
+    assert _train(images, tmp_path / "s.pth.tar", *extra) == 2
+    err = capsys.readouterr().err
+    assert err == f"certify: error: {says}\n" or (err.count("\n") == 1 and says in err), err
+    assert "_" not in err.replace(str(tmp_path), ""), err
+
+
+def test_denoiser_asks_for_resume_and_the_same_sigma_in_flags(images, tmp_path, capsys):
+    out = tmp_path / "s.pth.tar"
+    assert _train(images, out, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert _train(images, out, "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err == f"certify: error: --out: {str(out)!r} exists; add --resume to continue that " \
+                  "run, or give another --out PATH\n", err
+    assert _train(images, out, "--epochs", "2", "--resume", "--sigma", "0.5") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("certify: error: --sigma: 0.5, but the checkpoint ") and \
+        "trained with 0.25; give --sigma 0.25 to resume it, or another --out PATH" in err, err
+    with pytest.raises(ArgumentError, match=r"^DenoiseConfig.augment: 1 is not True or False; "
+                                            r"give augment=True or augment=False$"):
+        DenoiseConfig(sigma=0.25, augment=1)
 
 
 def test_sigma_zero_trains_on_clean_inputs():
@@ -95,5 +126,6 @@ def test_sigma_zero_trains_on_clean_inputs():
 
 @pytest.mark.parametrize("method", ["consistency", "macer", "smoothadv"])
 def test_sigma_zero_is_refused_by_the_noise_methods(method):
-    with pytest.raises(ArgumentError, match="sigma > 0"):
+    with pytest.raises(ArgumentError,
+                       match="^TrainConfig.sigma: 0 trains on clean inputs.*give a number > 0"):
         TrainConfig(sigma=0.0, method=make_method(method, 0.25))

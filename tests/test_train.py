@@ -14,8 +14,9 @@ from ancer.data import ArrayDataset
 from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import registry
 from ancer.train import TrainConfig, learning_rate, preload, save_checkpoint, train
-from ancer.training_methods import Consistency
+from ancer.training_methods import Consistency, make_method
 from certify import train_cli
+from certify.cli import flag_of, setting_of
 from certify.cli import main as certify_main
 
 ASSETS = Path(__file__).resolve().parents[1] / "certify" / "assets"
@@ -228,10 +229,14 @@ def _npz_args(tmp_path, items: int = 48) -> list:
 
 
 @pytest.mark.parametrize("extra, says", [
-    (["--batch-size", "64"], "fewer than --batch-size 64; lower --batch-size"),
-    (["--lr-gamma", "2"], "--lr-gamma must be"),
-    (["--sigma", "-1"], "--sigma must be"),
-    (["--workers", "-1"], "--workers must be"),
+    (["--batch-size", "64"], "--batch-size: 64 is more than the training set's 48 items; "
+                             "give at most --batch-size 48"),
+    (["--lr-gamma", "2"], "--lr-gamma: 2.0 is not a finite number > 0 and <= 1"),
+    (["--sigma", "-1"], "--sigma: -1.0 is not a finite number >= 0"),
+    (["--workers", "-1"], "--workers: -1 is not an integer >= 0"),
+    (["--method", "macer", "--sigma", "0"],
+     "--sigma: 0 trains on clean inputs, which only the gaussian method does, not macer; "
+     "give a number > 0, or --method gaussian"),
     (["--threads", "0"], "--threads"),
 ])
 def test_certify_train_errors_name_the_flags(tmp_path, capsys, extra, says):
@@ -246,11 +251,19 @@ def test_certify_train_asks_for_resume_and_the_same_sigma_in_flags(tmp_path, cap
     assert certify_main(args) == 0
     capsys.readouterr()
     assert certify_main(args) == 2
-    assert "pass --resume to continue that run, or choose another --out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("certify: error: --out: ") and "exists; add --resume to continue " \
+        "that run, or give another --out PATH" in err, err
     assert certify_main(args + ["--resume", "--sigma", "0.25"]) == 2
-    assert "trained with --sigma 0.5, not 0.25" in capsys.readouterr().err
-    with pytest.raises(ArgumentError, match=r"pass resume=True"):  # Python keeps its own words
+    err = capsys.readouterr().err
+    assert err.startswith("certify: error: --sigma: 0.25, but the checkpoint ") and \
+        "was trained with 0.5; give --sigma 0.5 to resume it, or another --out PATH" in err, err
+    # Python names the parameters as Python spells them
+    with pytest.raises(ArgumentError, match=r"^checkpoint: .* exists; add resume=True to continue "
+                                            r"that run, or give another checkpoint=PATH$"):
         train(TINY, _colors(), tmp_path / "m.pth.tar", _config(epochs=1))
+    with pytest.raises(ArgumentError, match=r"^TrainConfig.sigma: 0.25, but .* give sigma=0.5 to "):
+        train(TINY, _colors(), tmp_path / "m.pth.tar", _config(epochs=1, sigma=0.25), resume=True)
 
 
 @pytest.mark.skipif(not (ASSETS / "cifar10_resnet20_sigma0.25.pth.tar").exists()
@@ -269,3 +282,24 @@ def test_shipped_model_and_sample():
     with torch.no_grad():
         accuracy = (loaded.model(noisy).argmax(1) == torch.from_numpy(y).long()).float().mean()
     assert accuracy > 0.4  # chance is 0.1
+
+
+@pytest.mark.parametrize("bad, says", [
+    (lambda: TrainConfig(sigma=0.25, augment=1),
+     "--augment: 1 is not True or False; give --augment or --no-augment"),
+    (lambda: make_method("smoothadv", 0.25, multi_noise="yes"),
+     "--multi-noise: 'yes' is not True or False; give --multi-noise or --no-multi-noise"),
+    (lambda: make_method("macer", 0.25, steps=2),
+     "--attack-steps: a hyperparameter of smoothadv, not of macer; drop it, or give "
+     "--method smoothadv"),
+])
+def test_train_errors_spell_switches_and_renamed_flags_as_the_command_line_does(bad, says):
+    """The error's field is named by its flag, a boolean given as its switch."""
+    p = train_cli.parser()
+    with pytest.raises(ArgumentError) as caught:
+        bad()
+    spelled = caught.value.spelled(lambda f: flag_of(p, [], f), lambda f: f"{flag_of(p, [], f)} ",
+                                   lambda f, value: setting_of(p, [], f, value))
+    assert spelled == says
+    assert str(caught.value).split(":")[0] in ("TrainConfig.augment", "SmoothAdv.multi_noise",
+                                               "steps")

@@ -179,7 +179,7 @@ def test_training_is_deterministic_and_resume_equals_an_uninterrupted_run(tmp_pa
 
 def test_resume_refuses_another_method(tmp_path):
     train(TINY, _colors(48), tmp_path / "a.pt", _config(Macer(draws=2)), until=1)
-    with pytest.raises(ArgumentError, match="trained with method=macer with draws=2"):
+    with pytest.raises(ArgumentError, match="TrainConfig.method: macer with draws=3.*to resume was trained with macer with draws=2"):
         train(TINY, _colors(48), tmp_path / "a.pt", _config(Macer(draws=3)), resume=True)
 
 
@@ -201,13 +201,21 @@ def test_init_starts_from_the_checkpoint_and_checks_it(tmp_path):
 
 
 @pytest.mark.parametrize("bad, says", [
-    (lambda: Macer(lbd=-1), "lbd must be"), (lambda: Macer(beta=-1), "beta must be"),
-    (lambda: Macer(gamma=-0.5), "gamma must be"), (lambda: SmoothAdv(epsilon=-1), "epsilon must be"),
-    (lambda: Macer(draws=0), "draws must be"), (lambda: Consistency(copies=1), "copies must be"),
-    (lambda: SmoothAdv(steps=0), "steps must be"), (lambda: Consistency(eta=-1), "eta must be"),
-    (lambda: make_method("mixup", 0.25), "method must be one of"),
-    (lambda: make_method("consistency", 0.25, beta=2.0), "beta applies to method=macer only"),
-    (lambda: TrainConfig(sigma=0.25, noise="uniform", method=Macer()), "Gaussian smoothing"),
+    (lambda: Macer(lbd=-1), "Macer.lbd: -1 is not a finite number >= 0"),
+    (lambda: Macer(beta=-1), "Macer.beta: -1 is not"),
+    (lambda: Macer(gamma=-0.5), "Macer.gamma: -0.5 is not"),
+    (lambda: SmoothAdv(epsilon=-1), "SmoothAdv.epsilon: -1 is not"),
+    (lambda: Macer(draws=0), "Macer.draws: 0 is not an integer >= 1"),
+    (lambda: Consistency(copies=1), "Consistency.copies: 1 is not an integer >= 2"),
+    (lambda: SmoothAdv(steps=0), "SmoothAdv.steps: 0 is not"),
+    (lambda: Consistency(eta=-1), "Consistency.eta: -1 is not"),
+    (lambda: SmoothAdv(multi_noise=1), "SmoothAdv.multi_noise: 1 is not True or False; give "
+                                       "multi_noise=True or multi_noise=False"),
+    (lambda: make_method("mixup", 0.25), "method: 'mixup' is not a training method"),
+    (lambda: make_method("consistency", 0.25, beta=2.0),
+     "beta: a hyperparameter of macer, not of consistency; drop it, or give method=macer"),
+    (lambda: TrainConfig(sigma=0.25, noise="uniform", method=Macer()),
+     "TrainConfig.method: macer is defined for Gaussian smoothing .* use noise=gaussian"),
 ])
 def test_bad_hyperparameters_are_refused(bad, says):
     with pytest.raises(ArgumentError, match=says):
@@ -241,16 +249,18 @@ def test_smoothadv_attacks_in_the_norm_of_the_noise(monkeypatch):
 # -- certify train -----------------------------------------------------------------------
 @pytest.mark.parametrize("extra, says", [
     (["--method", "mixup"], "--method: invalid choice"),
-    (["--method", "macer", "--lbd", "-1"], "--lbd must be"),
-    (["--method", "macer", "--beta", "-2"], "--beta must be"),
-    (["--method", "macer", "--gamma", "-2"], "--gamma must be"),
-    (["--method", "smoothadv", "--epsilon", "-1"], "--epsilon must be"),
-    (["--method", "macer", "--draws", "0"], "--draws must be"),
-    (["--method", "consistency", "--copies", "1"], "--copies must be"),
-    (["--method", "smoothadv", "--attack-steps", "0"], "--attack-steps must be"),
-    (["--method", "consistency", "--beta", "2"], "--beta applies to --method macer only"),
+    (["--method", "macer", "--lbd", "-1"], "--lbd: -1.0 is not a finite number >= 0"),
+    (["--method", "macer", "--beta", "-2"], "--beta: -2.0 is not"),
+    (["--method", "macer", "--gamma", "-2"], "--gamma: -2.0 is not"),
+    (["--method", "smoothadv", "--epsilon", "-1"], "--epsilon: -1.0 is not"),
+    (["--method", "macer", "--draws", "0"], "--draws: 0 is not an integer >= 1"),
+    (["--method", "consistency", "--copies", "1"], "--copies: 1 is not an integer >= 2"),
+    (["--method", "smoothadv", "--attack-steps", "0"], "--attack-steps: 0 is not"),
+    (["--method", "consistency", "--beta", "2"],
+     "--beta: a hyperparameter of macer, not of consistency; drop it, or give --method macer"),
     (["--method", "macer", "--noise", "uniform"],
-     "--method macer is defined for Gaussian smoothing (l2) only; use --noise gaussian"),
+     "--method: macer is defined for Gaussian smoothing (l2) only; use --noise gaussian, "
+     "or --method gaussian or consistency or smoothadv for l1"),
 ])
 def test_certify_train_method_errors_name_the_flags(tmp_path, capsys, extra, says):
     assert certify_main(_npz_args(tmp_path) + extra) == 2

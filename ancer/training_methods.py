@@ -317,7 +317,7 @@ def smooth_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: torch.
     adversarial inputs x' with ‖x' − x‖ ≤ ``epsilon`` and x' in [0, 1], detached, after
     ``steps`` steps of size α = 2ε/steps from x' = x.
 
-    - ``norm="l2"`` (Salman et al., ``PGD_L2``): x' moves by α along the per-input
+    - ``norm="l2"`` (Salman et al. 2019, ``PGD_L2``): x' moves by α along the per-input
       l2-normalized gradient, is clipped to [0, 1], and x' − x is scaled back into the ball.
     - ``norm="l1"`` (Yang et al. 2020, rs4a ``pgd_attack_smooth`` with ``adv=1``): the
       step keeps the gradient's largest 1/16 of entries by magnitude, takes their signs and

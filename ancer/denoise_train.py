@@ -1,4 +1,4 @@
-"""Training a denoiser for denoised smoothing (Salman et al. 2020, NeurIPS).
+"""Training a denoiser for denoised smoothing (Salman et al. 2020).
 
 Salman, Sun, Yang, Kapoor, Kolter, "Denoised Smoothing: A Provable Defense for Pretrained
 Classifiers", NeurIPS 2020; defaults as the authors' ``code/train_denoiser.py``
@@ -8,8 +8,9 @@ step decay by 0.1 every 30 epochs, the random crop and flip of CIFAR-10 training
 
 - ``mse``: mean over pixels of (D(x + δ) − x)² (their ``denoising`` objective);
 - ``stability``: CE(f(D(x + δ)), argmax f(x)) through a frozen classifier f, whose clean
-  prediction is the label (their ``stability`` objective). The authors train it from an
-  MSE-trained denoiser (``--init``).
+  prediction is the label (their ``stability`` objective). The authors report it both from
+  scratch ("Stab") and fine-tuning an MSE-trained denoiser ("Stab+MSE", their
+  ``--pretrained-denoiser``; ``code/analyze.py``); ``init`` here does the latter.
 
 The checkpoint has the authors' layout, ``{'arch', 'state_dict', 'epoch', 'optimizer'}``,
 plus ``sigma``, ``objective``, ``config`` and ``history``; it is written atomically after

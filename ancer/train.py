@@ -10,8 +10,8 @@ smoothing noise, so the base classifier is trained on noisy inputs:
 - **uniform-noise augmentation** for l1 certificates (Yang et al. 2020, "Randomized
   smoothing of all shapes and sizes"): ε ~ U[-λ, λ]^d with λ = √3·σ (Yang et al.'s convention);
 - the certified-training objectives of :mod:`ancer.training_methods`, chosen by
-  ``TrainConfig.method``: consistency regularization (Jeong & Shin, NeurIPS 2020), MACER
-  (Zhai et al., ICLR 2020) and SmoothAdv (Salman et al., NeurIPS 2019); Gaussian (or
+  ``TrainConfig.method``: consistency regularization (Jeong & Shin 2020), MACER
+  (Zhai et al. 2020) and SmoothAdv (Salman et al. 2019); Gaussian (or
   uniform) augmentation is the default.
 
 The rest is the usual recipe: SGD with momentum and weight decay, a cosine (per step) or

@@ -7,7 +7,8 @@ the history) and the predictions on the noisy copies (for the accuracy under noi
 
 Notation: δ_1..δ_m i.i.d. draws of the training noise, p_i = softmax(f(x + δ_i)) and
 p̄ = (1/m) Σ_i p_i. Every default is the authors' CIFAR-10 setting, checked against their
-released code (repositories named per class); the papers:
+released code (repositories named per class; for consistency's λ see
+:data:`CONSISTENCY_LAMBDA`); the papers:
 
 - Cohen, Rosenfeld & Kolter, "Certified adversarial robustness via randomized smoothing",
   ICML 2019 (locuslab/smoothing);
@@ -114,8 +115,8 @@ class TrainingMethod:
 @dataclass(frozen=True)
 class GaussianAugmentation(TrainingMethod):
     """Noise augmentation: CE(f(x + δ), y) with one draw per input. Gaussian noise is
-    Cohen et al.'s (ICML 2019, §4; locuslab/smoothing ``code/train.py``), uniform noise
-    Yang et al.'s (ICML 2020) for l1. No hyperparameters."""
+    Cohen et al. 2019's (§3.3; locuslab/smoothing ``code/train.py``), uniform noise
+    Yang et al. 2020's for l1. No hyperparameters."""
 
     name: ClassVar[str] = "gaussian"
     uniform: ClassVar[bool] = True
@@ -126,29 +127,33 @@ class GaussianAugmentation(TrainingMethod):
         return StepLoss(ce, {"ce": ce.detach()}, logits.argmax(-1))
 
 
-#: Jeong & Shin's λ on CIFAR-10 by σ: the certification logs they release for Gaussian +
-#: consistency (jh-jeong/smoothing-consistency ``data/certify/cifar10/consistency/cohen/
-#: num_2``) use λ = 20 at σ = 0.25 and λ = 10 at σ = 0.5 and 1.0; 10 is also their
-#: script's default (``code/train_consistency.py --lbd``).
+#: λ on CIFAR-10 by σ for Jeong & Shin 2020's consistency. The certification logs they
+#: release for Gaussian + consistency (jh-jeong/smoothing-consistency
+#: ``data/certify/cifar10/consistency/cohen/num_2/lbd_*/eta_0.5``) hold runs at λ = 10 and
+#: 20 for σ = 0.25, λ = 10 for σ = 0.5 and λ = 5 and 10 for σ = 1.0; their script's default
+#: is 10 (``code/train_consistency.py --lbd``). ancer takes 20 at σ ≤ 0.25 and 10 above,
+#: two of those runs; which λ their paper's tables report we did not check against the paper.
 CONSISTENCY_LAMBDA = ((0.25, 20.0), (math.inf, 10.0))
 
 
 @dataclass(frozen=True)
 class Consistency(TrainingMethod):
-    """Consistency regularization (Jeong & Shin, NeurIPS 2020; their ``code/consistency.py``,
-    ``loss='default'``, the form their paper's results use): with m noisy copies of each input,
+    """Consistency regularization (Jeong & Shin 2020; their ``code/consistency.py``,
+    ``loss='default'``, which its docstring says reproduces the paper's values): with m noisy
+    copies of each input,
 
         mean_i CE(f(x + δ_i), y) + λ · mean_i KL(p̄ ‖ p_i) + η · H(p̄),
 
     each term averaged over the batch; H(p̄) = −Σ_c p̄_c log p̄_c (p̄ clamped at 1e-20 inside
-    the log, as the authors' ``code/consistency.py``). Defaults are theirs for CIFAR-10:
-    m = 2 (``--num-noise-vec 2``), η = 0.5, λ = 20 at σ ≤ 0.25 and 10 above
-    (:data:`CONSISTENCY_LAMBDA`). The authors split a batch of B inputs into m chunks of
-    B/m, so a step sees B noisy inputs; here a step takes ``batch_size`` inputs × m copies
-    (batch_size = B/m reproduces their step).
+    the log, as the authors' ``code/consistency.py``). Defaults from their repository: m = 2
+    (``--num-noise-vec 2`` in their README's and EXPERIMENTS.MD's commands), η = 0.5
+    (``--eta``), λ = 20 at σ ≤ 0.25 and 10 above (:data:`CONSISTENCY_LAMBDA`). The authors
+    split a batch of B inputs (B = 256 by default) into m chunks of B/m, so a step sees B
+    noisy inputs; here a step takes ``batch_size`` inputs × m copies (batch_size = B/m
+    reproduces their step).
 
     Uniform noise is accepted: the objective uses the noise only through its samples, and
-    Yang et al. (ICML 2020) train uniform-noise models with a KL stability term of this kind.
+    Yang et al. 2020 train uniform-noise models with a KL stability term of this kind.
     """
 
     copies: int = 2
@@ -191,7 +196,7 @@ def consistency_terms(logits: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.
 
 @dataclass(frozen=True)
 class Macer(TrainingMethod):
-    """MACER (Zhai et al., ICLR 2020, Algorithm 1; RuntianZ/macer ``macer.py``):
+    """MACER (Zhai et al. 2020, Algorithm 1; RuntianZ/macer ``macer.py``):
     with k noise draws per input, the soft smoothed outputs p̄ = mean_i softmax(f(x + δ_i))
     and q = mean_i softmax(β·f(x + δ_i)), the loss of a batch of N inputs is
 
@@ -249,7 +254,7 @@ def macer_terms(logits: torch.Tensor, y: torch.Tensor, sigma: float, beta: float
 
 @dataclass(frozen=True)
 class SmoothAdv(TrainingMethod):
-    """SmoothAdv with PGD (Salman et al., NeurIPS 2019; Hadisalman/smoothing-adversarial
+    """SmoothAdv with PGD (Salman et al. 2019; Hadisalman/smoothing-adversarial
     ``code/attacks.py`` ``PGD_L2._attack_mutlinoise``, ``code/train_pgd.py``).
 
     For each input, m noise draws δ_1..δ_m are fixed, and ``steps`` steps of PGD from
@@ -264,7 +269,7 @@ class SmoothAdv(TrainingMethod):
     ``--epsilon`` is divided by 256), m = 2 with multi-noise training, a 10-epoch warm-up
     (their fine-tuning command leaves ``--warmup`` at its default, 1). Their batch of B
     inputs is split into m chunks of B/m; batch_size = B/m reproduces their step. DDN is not
-    implemented. With uniform noise the attack is Yang et al.'s l1 PGD (ICML 2020; see
+    implemented. With uniform noise the attack is Yang et al. 2020's l1 PGD (see
     :func:`smooth_pgd`), the rest unchanged.
     """
 
@@ -312,12 +317,12 @@ def smooth_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: torch.
     adversarial inputs x' with ‖x' − x‖ ≤ ``epsilon`` and x' in [0, 1], detached, after
     ``steps`` steps of size α = 2ε/steps from x' = x.
 
-    - ``norm="l2"`` (Salman et al., ``PGD_L2``): x' moves by α along the per-input
+    - ``norm="l2"`` (Salman et al. 2019, ``PGD_L2``): x' moves by α along the per-input
       l2-normalized gradient, is clipped to [0, 1], and x' − x is scaled back into the ball.
-    - ``norm="l1"`` (Yang et al., ICML 2020, rs4a ``pgd_attack_smooth`` with ``adv=1``): the
+    - ``norm="l1"`` (Yang et al. 2020, rs4a ``pgd_attack_smooth`` with ``adv=1``): the
       step keeps the gradient's largest 1/16 of entries by magnitude, takes their signs and
-      normalizes them to l1 length α; x' − x is projected onto the l1 ball (Duchi, Shalev-
-      Shwartz, Singer & Chandra, ICML 2008, Fig. 1) and x' clipped to [0, 1].
+      normalizes them to l1 length α; x' − x is projected onto the l1 ball by sorting (Duchi
+      et al. 2008; rs4a ``project_onto_ball``) and x' clipped to [0, 1].
 
     The model runs in eval mode during the attack and is put back in its previous mode."""
     if norm not in ("l2", "l1"):
@@ -361,7 +366,7 @@ def _sparse_sign(grad: torch.Tensor) -> torch.Tensor:
 
 def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     """Each input's v (first dimension indexes inputs) projected onto {‖w‖₁ ≤ radius} in l2
-    distance, by sorting (Duchi et al. 2008, ICML): w = sign(v)·max(|v| − θ, 0) with θ from
+    distance, by sorting (Duchi et al. 2008): w = sign(v)·max(|v| − θ, 0) with θ from
     the largest ρ whose sorted magnitude exceeds (Σ_{j≤ρ} μ_j − radius)/ρ; inputs already
     inside are kept."""
     flat = v.flatten(1)

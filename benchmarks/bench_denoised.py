@@ -21,7 +21,7 @@ Each run is a ``certify`` command writing ``results/denoised-<run>-n10000.tsv``;
 script grows ``--max`` by ``--step`` images per round over all runs, so an interrupted
 run resumes where it stopped (rerun the same command) and a partial one is balanced.
 
-**Cost** of one-shot diffusion (Carlini et al. 2023, ICLR) on CIFAR-10: a UNet of the
+**Cost** of one-shot diffusion (Carlini et al. 2023) on CIFAR-10: a UNet of the
 DDPM CIFAR-10 32×32 size (``diffusers.UNet2DModel`` with google/ddpm-cifar10-32's
 configuration, random weights: time does not depend on them) in front of a ResNet-20,
 seconds per forward sample of

@@ -20,10 +20,11 @@ only on the seed, the subset and ``--threads``):
    epochs (of N/batch steps each), momentum 0.9, weight decay 5e-4 (the shipped model's), crop and flip, seed 0.
    Methods and their hyperparameters are the authors' CIFAR-10 defaults
    (:mod:`ancer.training_methods`): ``gaussian`` (the control, Gaussian augmentation
-   continued, batch 128), ``consistency`` (m = 2, λ = 20, η = 0.5; batch 64 × 2 copies, the
-   authors' 128 noisy inputs per step), ``macer`` (k = 16, β = 16, γ = 8, λ = 12; batch
-   64, the authors'), ``smoothadv`` (PGD, 10 steps, ε = 0.25, m = 2 multi-noise; batch 64 × 2
-   copies; warm-up 1 epoch, as the authors' fine-tuning command).
+   continued, batch 128), ``consistency`` (m = 2, λ = 20, η = 0.5; batch 64 × 2 copies = 128
+   noisy inputs per step, half the authors' 256: their batch of 256 split into 2 chunks of
+   128 inputs × 2 copies), ``macer`` (k = 16, β = 16, γ = 8, λ = 12; batch 64, the authors'),
+   ``smoothadv`` (PGD, 10 steps, ε = 0.25, m = 2 multi-noise; batch 64 × 2 copies, likewise
+   half the authors' 256; warm-up 1 epoch, as the authors' fine-tuning command).
 2. **Certify** the 100 shipped CIFAR-10 test images (``certify/assets/cifar10_test_sample.npz``)
    with each model at n0 = 100, n = 10,000, α = 0.001 (``certify --method isotropic``):
    certified accuracy at r = 0 / 0.25 / 0.5 / 0.75, the average certified radius (ACR),

@@ -1,7 +1,7 @@
 """``certify train-denoiser``: train a denoiser for denoised smoothing.
 
-The command-line face of :func:`ancer.denoise_train.train_denoiser` (Salman et al.,
-NeurIPS 2020: the MSE objective, or the stability objective through a frozen classifier).
+The command-line face of :func:`ancer.denoise_train.train_denoiser` (Salman et al.
+2020: the MSE objective, or the stability objective through a frozen classifier).
 The dataset comes from :func:`ancer.data.load_dataset`; progress is a tqdm bar per epoch.
 Rerunning the same command with ``--resume`` continues from the checkpoint's last
 finished epoch. Every flag's ``dest`` is the name of the parameter it sets (a field of
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Train a denoiser D for denoised smoothing of a classifier f (Salman et "
-                    "al., NeurIPS 2020), by MSE or by the stability objective "
+                    "al. 2020), by MSE or by the stability objective "
                     "CE(f(D(x+noise)), f(x)) through a frozen classifier. Writes a checkpoint "
                     "in the authors' {'arch', 'state_dict'} layout after every epoch.",
     )

@@ -36,8 +36,8 @@ For denoised smoothing two more assets (``--only clean denoiser``):
    WITHOUT noise (``certify train ... --sigma 0 --epochs 4``), the kind of classifier users
    hold;
 5. ``certify/assets/cifar10_dncnn_small_sigma0.25.pth.tar``: ancer's small DnCNN
-   (``cifar_dncnn_small``, 6 convolutions of 32 maps), trained as Salman et al. recommend,
-   first by MSE (``certify train-denoiser --objective mse --sigma 0.25 --epochs 3
+   (``cifar_dncnn_small``, 6 convolutions of 32 maps), trained as Salman et al. 2020's
+   "Stab+MSE" denoisers, first by MSE (``certify train-denoiser --objective mse --sigma 0.25 --epochs 3
    --batch-size 128``: Adam, lr 1e-3), then by the stability objective through the frozen
    clean ResNet-20 (``--objective stability --classifier <clean> --init <mse> --lr 1e-4
    --epochs 1``), written in Salman et al.'s ``{'arch', 'state_dict'}`` layout without

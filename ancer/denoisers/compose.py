@@ -1,6 +1,6 @@
 """The base classifier of denoised smoothing: f(D(x)).
 
-Salman et al. 2020 (NeurIPS) smooth f∘D, a denoiser D in front of a classifier f: the
+Salman et al. 2020 smooth f∘D, a denoiser D in front of a classifier f: the
 smoothed classifier g(x) = argmax_c P(f(D(x + δ)) = c) is Cohen et al.'s construction with
 f∘D as its base classifier, so every certificate about g holds as for any base classifier
 (the noise δ is drawn on the input, before D). Both parts take and return images on the

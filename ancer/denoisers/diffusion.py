@@ -1,15 +1,20 @@
 """One-shot denoising with a diffusion model, after Carlini et al.
 
 Carlini, Tramèr, Dvijotham, Rice, Sun, Kolter, "(Certified!!) Adversarial Robustness for
-Free!", ICLR 2023 (ethz-spylab/diffusion_denoised_smoothing, ``cifar10/certify.py`` and
-``cifar10/DRM.py``). An ε-prediction diffusion model is trained on images in [−1, 1] with
-x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε. The smoothed input x + δ, δ ~ N(0, σ²I) on [0, 1] images, is
-2(x + δ) − 1 = x₀ + 2δ on the model's scale: noise of standard deviation 2σ. Hence
+Free!", ICLR 2023 (Carlini et al. 2023; ethz-spylab/diffusion_denoised_smoothing,
+``cifar10/certify.py`` and ``cifar10/DRM.py``). An ε-prediction diffusion model is trained
+on images in [−1, 1] with x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε. The smoothed input x + δ,
+δ ~ N(0, σ²I) on [0, 1] images, is 2(x + δ) − 1 = x₀ + 2δ on the model's scale: noise of
+standard deviation 2σ. Hence
 
-- t* is the first timestep with (1 − ᾱ_t)/ᾱ_t ≥ (2σ)² (the authors step t up until
-  √(1 − ᾱ_t)/√ᾱ_t reaches 2σ);
+- t* is the first timestep with (1 − ᾱ_t)/ᾱ_t ≥ (2σ)² (as the authors' ``certify.py``,
+  which steps t up until √(1 − ᾱ_t)/√ᾱ_t reaches 2σ);
 - x_t = √ᾱ_t*·(2(x + δ) − 1), which the model reads as a sample at t* (its noise
-  √ᾱ_t*·2σ is at most the √(1 − ᾱ_t*) the model expects);
+  √ᾱ_t*·2σ is at most the √(1 − ᾱ_t*) the model expects). The authors' ``DRM.py`` differs
+  here: it is given the clean x and draws the noise itself, x_t = √ᾱ_t*·(2x − 1) +
+  √(1 − ᾱ_t*)·ε (``q_sample``), so their smoothing noise on [0, 1] images is
+  √((1 − ᾱ_t*)/ᾱ_t*)/2 ≥ σ rather than σ (their repository's issue #3 asks about this);
+  ancer keeps δ with the certifier, at exactly the σ certified;
 - x̂₀ = (x_t − √(1 − ᾱ_t*)·ε_θ(x_t, t*))/√ᾱ_t*, clipped to [−1, 1] as the authors' sampler
   does (``clip_denoised=True``), and returned on [0, 1] as (x̂₀ + 1)/2.
 

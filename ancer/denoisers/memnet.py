@@ -1,10 +1,10 @@
-"""MemNet, the other denoiser architecture of Salman et al.
+"""MemNet, the other denoiser architecture of Salman et al. 2020.
 
 Salman, Sun, Yang, Kapoor, Kolter, "Denoised Smoothing", NeurIPS 2020
-(microsoft/denoised-smoothing, ``code/archs/memnet.py``; the network of Tai et al. 2017's MemNet,
-ICCV 2017). Every unit is BN → ReLU → conv (no bias). A feature extractor, ``memory
+(microsoft/denoised-smoothing, ``code/archs/memnet.py``; the network of Tai et al. 2017,
+ICCV). Every unit is BN → ReLU → conv (no bias). A feature extractor, ``memory
 blocks`` each made of ``residual blocks`` (two units plus a skip) whose outputs, with the
-outputs of all earlier memory blocks, a 1×1 gate unit fuses; a reconstructor back to the
+feature extractor's and all earlier memory blocks' outputs, a 1×1 gate unit fuses; a reconstructor back to the
 image channels; and a global skip: D(x) = x + reconstructor(...). Module names follow the
 authors', so their checkpoints load as they are.
 """

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from ancer.errors import ArgumentError, ResultsError
-from certify.results import (COHEN_COLUMNS, COLUMNS, Row, Sidecar, check_compatible,
-                             done_indices, open_results, parse_time, read_results, read_sidecar,
-                             shard_path, sidecar_path, write_sidecar)
+from ancer.results import (COHEN_COLUMNS, COLUMNS, Row, Sidecar, check_compatible, done_indices,
+                           parse_time, read_results, read_sidecar, shard_path, sidecar_path,
+                           write_sidecar)
+from ancer.writer import open_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"model_sha256": "ab12", "dataset": "cifar10", "norm": "l2", "method": "isotropic",
@@ -235,7 +236,7 @@ def test_kill_9_loses_no_finished_row(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_results import SETTINGS, make_row
-        from certify.results import open_results
+        from ancer.writer import open_results
         with open_results({str(out)!r}, SETTINGS) as writer:
             i = 0
             while True:

@@ -3,10 +3,10 @@ starting or resuming the file, and the checks that make a resumed run's file equ
 uninterrupted run's.
 
 A row is written by one ``write`` call, then fsynced (:class:`ResultsWriter`). A run resumes
-only with the settings it began with (:func:`open_results`); the rows already written are
-skipped, must lie in the run's selection (:func:`check_selection`), and a row whose memory
-answer a kill kept from being saved is certified again with its group and must equal the
-row on disk (:func:`unanswered_rows`, :func:`check_recomputed`); a row's scales are saved
+only with the settings it began with (:func:`open_results`), its group size included
+(:func:`recorded_group_size`); the rows already written are skipped, must lie in the run's
+selection (:func:`check_selection`), and a row whose memory answer a kill kept from being
+saved is certified again with its group and must equal the row on disk (:func:`unanswered_rows`, :func:`check_recomputed`); a row's scales are saved
 before it (:func:`write_certified`); a saved memory goes on only from the inputs it
 answered (:func:`resume_memory`).
 """
@@ -144,6 +144,16 @@ def write_certified(writer: ResultsWriter, scales: Optional[ScalesWriter], item:
         scales.append(item.idx, item.certificate.noise.sigma.numpy())
     writer.write(row)
     return row
+
+
+def recorded_group_size(path: Path, default: int) -> int:
+    """The group size of the run writing ``path``, as its sidecar records it (a run begun
+    with another default group size goes on with it, so that its groups, and with them its
+    certificates, stay those of an uninterrupted run); ``default`` for a new run."""
+    recorded = read_sidecar(path) if path.is_file() else None
+    if recorded is None or "inputs_per_batch" not in recorded.settings:
+        return default
+    return int(recorded.settings["inputs_per_batch"])
 
 
 def check_selection(path: Path, indices: Collection[int]) -> None:

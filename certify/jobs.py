@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ancer import merge
-from ancer.errors import ArgumentError, ResultsError
+from ancer.errors import ArgumentError
 from ancer.lock import RunLock
 from ancer.results import Row, add_sidecar_info, base_name, memory_path, shard_path
 from ancer.runs import Certified, certify_dataset, shard_groups
 from ancer.scales import ScalesWriter, open_scales
 from ancer.vocabulary import default_radii
 from ancer.writer import (ResultsWriter, check_selection, file_order, open_results,
-                          resume_memory, unanswered_rows, write_certified)
+                          recorded_group_size, resume_memory, unanswered_rows, write_certified)
 from certify import distributed
 from certify.prepare import Job, RunSpec, prepare
 from certify.progress import Progress
@@ -76,9 +76,8 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
     (:func:`ancer.runs.certify_dataset`). Ctrl-C raises :class:`Interrupted` once the rows
     written so far are safe. Without ``--inputs-per-batch``, a run begun with another
     default group size goes on with it."""
-    recorded = read_sidecar(path) if path.is_file() and job.spec.inputs_per_batch is None else None
-    if recorded is not None and "inputs_per_batch" in recorded.settings:
-        job.settings["inputs_per_batch"] = recorded.settings["inputs_per_batch"]
+    if job.spec.inputs_per_batch is None:
+        job.settings["inputs_per_batch"] = recorded_group_size(path, job.group_size)
     positions = [p for group in shard_groups(len(job.dataset), job.group_size, shard) for p in group]
     if not positions:
         notify(f"shard {shard[0]}/{shard[1]} has nothing to do: the {len(job.dataset)} inputs "

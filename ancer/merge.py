@@ -18,10 +18,9 @@ equal a single-process run's (all columns but ``time``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -217,7 +216,7 @@ def _check_duplicate(idx: int, first: tuple[ResultsTable, int],
 def answered(row: Row, outcome: MemoryOutcome) -> Row:
     """``row`` (the input's own certificate) with the memory's answer in place of its class
     and region; the rest (p_lower, counts, scales) still describes the input's certificate."""
-    return dataclasses.replace(
+    return replace(
         row, predict=int(outcome.label), radius=float(outcome.radius),
         proxy_radius=float(outcome.proxy_radius), volume_radius=float(outcome.volume_radius),
         log_volume=float(outcome.log_volume), memory=outcome.summary)
@@ -254,7 +253,7 @@ def load_inputs(settings: Mapping[str, object], data: Optional[str | os.PathLike
                         max=settings["max"], **options)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class Replayed:
     """The outcome of a replay: the answered rows (idx order), the memory after the pass,
     and the scales records in idx order (ancer; None for dds)."""
@@ -283,6 +282,7 @@ def replay(rows: Sequence[Row], settings: Mapping[str, object],
 
 
 def _scale_of(scales: Mapping[int, np.void], idx: int) -> torch.Tensor:
+    """The scales θ of input ``idx`` from its record, as the raw certificate needs them."""
     if idx not in scales:
         raise ResultsError(f"idx {idx} has no scales in the shards' scales files: restore the "
                            "shard's .scales.npy, or certify that shard again")

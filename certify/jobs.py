@@ -4,11 +4,11 @@ TSV row per input.
 The protocol (groups, a shard's share, resume, the memory) is :func:`ancer.runs.
 certify_dataset`; this module writes each input's row as soon as its group is done (its
 scales first) and saves the memory after each group; a shard of a data-dependent method
-writes raw rows, which the merge answers (:mod:`ancer.merge`); the resume checks are
-:mod:`ancer.writer`'s. ``results.lock`` is held
+writes raw rows, which the merge answers (:mod:`ancer.merge`). ``results.lock`` is held
 while a run writes, so a second run on the same ``--out`` is refused. On resume the rows
 already written are skipped; a row written before a kill whose memory answer was not saved
-is checked to equal its recomputation. ``--max`` may grow between runs.
+is checked to equal its recomputation (the resume checks are :mod:`ancer.writer`'s).
+``--max`` may grow between runs.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ file's References.
 """
 from ancer.certificates import CrossPolytope, Ellipsoid, L1Ball, L2Ball, Region
 from ancer.data import load_dataset
+from ancer.denoisers import LoadedDenoiser, load_denoiser
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import AncerError, ArgumentError, CheckpointError, DatasetError, ResultsError
 from ancer.labels import ABSTAIN
@@ -22,9 +23,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABSTAIN", "AncerError", "ArgumentError", "Certificate", "Certifier", "CertifyConfig", "CheckpointError", "CrossPolytope",
-    "DatasetError", "Ellipsoid", "Gaussian", "L1Ball", "L2Ball", "LoadedModel", "Memory",
+    "DatasetError", "Ellipsoid", "Gaussian", "L1Ball", "L2Ball", "LoadedDenoiser", "LoadedModel", "Memory",
     "MemoryOutcome", "Noise", "OptimizedScales", "Region", "ResultsError", "Smoothed",
     "TrainConfig", "TrainResult", "Uniform", "certify_dataset", "certify_with_scales", "create_model",
-    "load_dataset", "load_model", "noise_for_norm", "optimize_anisotropic", "optimize_isotropic",
+    "load_dataset", "load_denoiser", "load_model", "noise_for_norm", "optimize_anisotropic", "optimize_isotropic",
     "regions_intersect",
 ]

@@ -200,7 +200,8 @@ _CIFAR_FILES = {
     "py": {"test": ["test_batch"], "train": [f"data_batch_{i}" for i in range(1, 6)]},
     "bin": {"test": ["test_batch.bin"], "train": [f"data_batch_{i}.bin" for i in range(1, 6)]},
 }
-_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+#: CIFAR-10's class names in label order (Krizhevsky 2009, ``batches.meta``)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _read_cifar_pickle(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -264,7 +265,7 @@ def cifar10(root: PathLike, split: str = "test") -> ArrayDataset:
     if labels.min() < 0 or labels.max() > 9:
         raise DatasetError(f"CIFAR-10 labels must be in 0..9; {str(folder)!r} has {labels.max()}")
     images = torch.from_numpy(np.ascontiguousarray(np.concatenate([p[0] for p in parts])))
-    return ArrayDataset("cifar10", images, torch.from_numpy(labels), 10, list(_CIFAR_CLASSES))
+    return ArrayDataset("cifar10", images, torch.from_numpy(labels), 10, list(CIFAR10_CLASSES))
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -373,23 +374,71 @@ def imagenet(
     return ImageFileDataset("imagenet", files, labels, order, resize_center_crop)
 
 
-def image_folder(root: PathLike) -> ImageFileDataset:
-    """Images in class folders ``root/<class>/*.png|jpg|...``, classes numbered in
-    sorted order, decoded as they are (RGB). The unzipped CIFAR-10 JPEG copies
-    (``test/<class>/*.jpg``) are read this way."""
+def image_folder(
+    root: PathLike,
+    classes: Optional[Union[PathLike, Sequence[str]]] = None,
+    labels_sorted: bool = False,
+) -> ImageFileDataset:
+    """Images in class folders ``root/<class>/*.png|jpg|...``, decoded as they are (RGB).
+    The unzipped CIFAR-10 JPEG copies (``test/<class>/*.jpg``) are read this way.
+
+    Without ``classes`` the folders define the classes, numbered in sorted order (as for
+    training). With ``classes``, a model's class names in label order (a list, or a file
+    whose lines start with a name, like a synset list), each folder is labelled by the
+    position of its name there, so ``cat/`` and ``dog/`` are CIFAR-10's 3 and 5, not 0 and
+    1. Folders not named after the model's classes are refused, unless ``labels_sorted``
+    says that the folders in sorted order are the model's labels 0, 1, ...
+    """
     root = Path(root)
     dirs = _class_dirs(root) if root.is_dir() else []
+    names = [d.name for d in dirs]
+    if classes is None or labels_sorted:
+        order = names
+    else:
+        order = _read_synsets(classes)
+        known = set(order)
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise DatasetError(
+                f"class folder {unknown[0]!r} of {str(root)!r} is not one of the model's "
+                f"{len(order)} classes ({_few(order)}): name each folder after its class, or, "
+                "if the folders in sorted order are the model's labels 0, 1, ..., say so "
+                "with labels_sorted=True (certify: --labels-sorted)"
+            )
+    position = {name: label for label, name in enumerate(order)}
     files, labels = [], []
-    for label, d in enumerate(dirs):
+    for d in dirs:
         found = _image_files(d)
         files += found
-        labels += [label] * len(found)
+        labels += [position[d.name]] * len(found)
     if not files:
         raise DatasetError(
             f"no class folders of images in {str(root)!r}: expected <class>/<image>.png|jpg "
             f"inside it; found: {_listing(root)}"
         )
-    return ImageFileDataset("folder", files, labels, [d.name for d in dirs])
+    return ImageFileDataset("folder", files, labels, list(order))
+
+
+def _few(names: Sequence[str], limit: int = 4) -> str:
+    """The first names of a list, for messages."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def class_names(
+    dataset: Optional[str],
+    synsets: Optional[Union[PathLike, Sequence[str]]] = None,
+    near: Optional[PathLike] = None,
+) -> Optional[List[str]]:
+    """The class names, in label order, of a model trained on ``dataset``: CIFAR-10's ten
+    names, or for ImageNet the synsets of ``synsets`` or of a synset list found in or beside
+    the folder ``near``; None when unknown."""
+    if dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if dataset in ("imagenet", "imagenet32"):
+        if synsets is None and near is not None and Path(near).is_dir():
+            synsets = _synset_file_beside(Path(near))
+        return None if synsets is None else _read_synsets(synsets)
+    return None
 
 
 # ----------------------------------------------------------------------------- npz
@@ -431,8 +480,14 @@ def npz(path: PathLike, num_classes: Optional[int] = None) -> ArrayDataset:
         )
     if num_classes is None:
         num_classes = int(y.max()) + 1
-    elif not _is_int(num_classes) or num_classes <= int(y.max()):
-        raise ArgumentError(f"num_classes must be an integer > max(y) = {int(y.max())}, got {num_classes!r}")
+    elif not _is_int(num_classes) or num_classes < 1:
+        raise ArgumentError(f"num_classes must be a positive integer, got {num_classes!r}")
+    elif len(y) and int(y.max()) >= num_classes:
+        raise DatasetError(
+            f"{str(path)!r} holds label {int(y.max())}, but the model has {num_classes} classes "
+            f"(num_classes; certify takes it from --model), so labels must be 0..{num_classes - 1}: "
+            "check that --data belongs to --model, or relabel its y"
+        )
     return ArrayDataset("npz", images, torch.from_numpy(y.astype(np.int64)), int(num_classes))
 
 
@@ -441,7 +496,7 @@ def npz(path: PathLike, num_classes: Optional[int] = None) -> ArrayDataset:
 _READERS = {
     "cifar10": (cifar10, {"split"}),
     "imagenet": (imagenet, {"split", "synsets"}),
-    "folder": (image_folder, set()),
+    "folder": (image_folder, {"classes", "labels_sorted"}),
     "npz": (npz, {"num_classes"}),
 }
 
@@ -472,7 +527,8 @@ def load_dataset(
     indices : sequence of int, optional
         Original indices to take instead of ``skip``/``max``.
     **kw
-        ``synsets`` for imagenet (see :func:`imagenet`), ``num_classes`` for npz.
+        ``synsets`` for imagenet (see :func:`imagenet`), ``classes`` and ``labels_sorted``
+        for folder (see :func:`image_folder`), ``num_classes`` for npz.
 
     Returns
     -------

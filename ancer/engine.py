@@ -37,6 +37,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ancer.denoisers import LoadedDenoiser
+from ancer.denoisers.compose import compose
 from ancer.errors import ArgumentError
 from ancer.memory import Memory
 from ancer.models import LoadedModel
@@ -247,6 +249,9 @@ class Certifier:
     optimizers use it). ``device`` moves the model there (default: where its parameters
     are). ``memory`` continues an earlier run's memory (dds, ancer); ``planned_samples``
     (forward passes the caller expects to spend) lets ``compile="auto"`` decide on a CPU.
+    ``denoiser`` (a :class:`ancer.denoisers.LoadedDenoiser` or an ``nn.Module`` on [0, 1]
+    images) makes the base classifier f(D(x)), denoised smoothing; precision, folding,
+    compile and CUDA graphs then apply to the composition.
     """
 
     def __init__(
@@ -259,6 +264,7 @@ class Certifier:
         device: Optional[Union[str, torch.device]] = None,
         memory: Optional[Memory] = None,
         planned_samples: Optional[int] = None,
+        denoiser: Optional[Union[LoadedDenoiser, nn.Module]] = None,
     ) -> None:
         if not isinstance(config, CertifyConfig):
             raise ArgumentError(f"config must be an ancer.CertifyConfig, got {type(config).__name__}")
@@ -274,6 +280,7 @@ class Certifier:
                                 "that ancer.load_model returns)")
         if outputs not in OUTPUTS:
             raise ArgumentError(f"outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
+        model, self.denoiser = compose(model, denoiser, config.sigma)
         self.outputs = outputs
         self.config = config
         self.noise: Noise = noise_for_norm(config.norm, config.sigma)
@@ -405,7 +412,9 @@ class Certifier:
         """What determines this engine's certificates, as plain data for results files: the
         smoothing (norm, method, σ and for l1 the half-width λ, the optimizer's options),
         CERTIFY's n0, n, alpha and sequential radii, and how the base classifier is
-        evaluated (batch, precision, batch-norm folding, seed). Settings that change speed
+        evaluated (batch, precision, batch-norm folding, seed), and the denoiser in front of
+        it (``denoiser``: path, kind, hash, σ, diffusion timestep; None without one). Settings
+        that change speed
         only (compile, CUDA graphs) are not among them."""
         config = self.config
         optimizer = None
@@ -418,6 +427,7 @@ class Certifier:
             "alpha": config.alpha, "batch": config.batch, "sequential": config.sequential,
             "radii": list(config.radii), "precision": config.precision, "seed": config.seed,
             "fold_bn": self.smoothed.settings()["fold_bn"], "optimizer": optimizer,
+            "denoiser": self.denoiser,
         }
 
     def _check_input(self, xs: Any, batch: bool) -> None:

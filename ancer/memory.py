@@ -402,8 +402,15 @@ class Memory:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the memory to ``path`` atomically (a temporary file in the same folder, then
-        ``os.replace``), so a crash never leaves a half-written memory."""
+        ``os.replace``), so a crash never leaves a half-written memory; a missing folder is
+        created."""
         path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ResultsError(f"cannot create the folder {path.parent} of the memory file "
+                               f"{path} ({error.strerror}): give a path in a writable folder"
+                               ) from None
         state = {
             "version": self.VERSION,
             "norm": self.norm,

@@ -248,7 +248,8 @@ def load_inputs(settings: Mapping[str, object], data: Optional[str | os.PathLike
         raise DatasetError(f"replaying the memory needs the run's inputs, but {where} is gone: "
                            "restore the data there, or give its new place with "
                            "'certify merge --data PATH'")
-    options = {key: settings[key] for key in ("num_classes", "synsets") if key in settings}
+    options = {key: settings[key] for key in ("num_classes", "synsets", "classes", "labels_sorted")
+               if key in settings}
     return load_dataset(str(settings["dataset"]), where, skip=int(settings["skip"]),
                         max=settings["max"], **options)
 

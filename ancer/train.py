@@ -61,7 +61,8 @@ class TrainConfig:
     Attributes
     ----------
     sigma : float
-        Standard deviation of the training noise (for uniform noise λ = √3·σ).
+        Standard deviation of the training noise (for uniform noise λ = √3·σ); 0 trains
+        on clean inputs (a classifier for denoised smoothing).
     noise : str
         ``"gaussian"`` (Cohen et al. 2019) or ``"uniform"`` (Yang et al. 2020).
     epochs : int
@@ -98,7 +99,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_number("sigma", self.sigma, low=0.0, strict=True)
+        _check_number("sigma", self.sigma, low=0.0)
         if self.noise not in NOISES:
             raise ArgumentError(f"noise must be one of {sorted(NOISES)}, got {self.noise!r}")
         if self.schedule not in SCHEDULES:
@@ -114,9 +115,9 @@ class TrainConfig:
         if not isinstance(self.augment, bool):
             raise ArgumentError(f"augment must be True or False, got {self.augment!r}")
 
-    def make_noise(self) -> Noise:
-        """The training noise at ``sigma``."""
-        return NOISES[self.noise](self.sigma)
+    def make_noise(self) -> Optional[Noise]:
+        """The training noise at ``sigma``; None for ``sigma == 0`` (clean training)."""
+        return NOISES[self.noise](self.sigma) if self.sigma > 0 else None
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def noisy_loss(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    noise: Noise,
+    noise: Optional[Noise],
     consistency: float = 0.0,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +202,10 @@ def noisy_loss(
     noisy copy, shape (copies, N), for the accuracy under noise.
     """
     copies = 2 if consistency > 0 else 1
-    noisy = noise.perturb_(torch.empty((copies, *x.shape), device=x.device, dtype=x.dtype), x, generator)
+    if noise is None:  # clean training (sigma = 0)
+        noisy = x.expand(copies, *x.shape)
+    else:
+        noisy = noise.perturb_(torch.empty((copies, *x.shape), device=x.device, dtype=x.dtype), x, generator)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         logits = model(noisy.flatten(0, 1))
     logits = logits.float().view(copies, len(x), -1)

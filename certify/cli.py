@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 from ancer.engine import OPTIMIZER_DEFAULTS, CertifyConfig
 from ancer.errors import AncerError, ArgumentError
+from ancer.models import DATASET_STATS, available_models
 from ancer.vocabulary import COMPILE_CHOICES, DEFAULT_RADII_IN_SIGMAS, METHODS, NORMS, PRECISIONS, THETA0
 from ancer.memory import Memory
 from ancer.runs import GROUP_SAMPLES
@@ -49,7 +50,8 @@ def run_parser() -> argparse.ArgumentParser:
                     "Eiras et al. 2022). Rerunning the same command resumes the run.",
         epilog="subcommands: 'certify report RESULTS.tsv ...' (certified-accuracy curves), "
                "'certify merge --out RESULTS.tsv' (join shard files), "
-               "'certify train ...' (train a base classifier). "
+               "'certify train ...' (train a base classifier), "
+               "'certify train-denoiser ...' (train a denoiser for --denoiser). "
                "Example: certify --model ckpt.pth.tar --sigma 0.25 --data cifar-10-batches-py "
                "--out results.tsv (without --data a CIFAR-10 model certifies the shipped test "
                "images); certify --demo runs the shipped model.",
@@ -58,6 +60,26 @@ def run_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", metavar="CKPT",
                       help="base classifier checkpoint (.pt, .pth.tar; Cohen et al.'s "
                            "checkpoints are read as they are)")
+    what.add_argument("--arch", choices=available_models(), metavar="NAME",
+                      help="the checkpoint's architecture, for files that do not name it (bare "
+                           "state dicts, DDRS/ANCER and MACER checkpoints): "
+                           + ", ".join(available_models()))
+    what.add_argument("--trust", action="store_true",
+                      help="unpickle Python objects (a whole pickled nn.Module): only for files "
+                           "from a trusted source, as unpickling can run code (default off: "
+                           "tensors only)")
+    what.add_argument("--norm-stats", choices=sorted(DATASET_STATS), metavar="NAME",
+                      help="the normalization to restore in front of the network (and the input "
+                           "size to probe a TorchScript or pickled model with): "
+                           f"{', '.join(sorted(DATASET_STATS))} (default: the architecture's)")
+    what.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                      help="restore the normalization layer in front of a state dict's network "
+                           "(default: yes, except for MACER checkpoints, trained on raw inputs)")
+    what.add_argument("--denoiser", metavar="PATH",
+                      help="denoised smoothing: certify model(denoiser(x)); a DnCNN/MemNet "
+                           "checkpoint (Salman et al.'s or 'certify train-denoiser'), a diffusers "
+                           "UNet folder (one-shot diffusion, needs the [diffusion] extra) or "
+                           "TorchScript (default: none)")
     what.add_argument("--dataset", choices=("cifar10", "imagenet", "folder", "npz"),
                       help="dataset kind (default: the one the checkpoint names)")
     what.add_argument("--data", metavar="DIR",
@@ -67,6 +89,11 @@ def run_parser() -> argparse.ArgumentParser:
                       help="ImageNet: the list of all 1000 synsets in label order (default: "
                            "synsets.txt or LOC_synset_mapping.txt in or beside --data; needed "
                            "when the folder holds fewer than 1000 classes)")
+    what.add_argument("--labels-sorted", action="store_true",
+                      help="--dataset folder: the class folders in sorted order are the model's "
+                           "labels 0, 1, ... (default off: each folder is labelled by its name "
+                           "among the model's classes, CIFAR-10's names or ImageNet's synsets, "
+                           "and other names are refused)")
     what.add_argument("--skip", type=_positive_int, default=1, metavar="K",
                       help="certify every K-th input (Cohen et al. use 20 on CIFAR-10; default 1)")
     what.add_argument("--max", type=_positive_int, metavar="N",
@@ -182,8 +209,18 @@ def report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radii", default=report.DEFAULT_RADII, metavar="SPEC",
                         help="radii of the table's rows, as start:stop:step (stop included) "
                              f"or a list like 0,0.5,1 (default {report.DEFAULT_RADII})")
-    parser.add_argument("--format", choices=("md", "csv"), default="md",
-                        help="Markdown table or CSV on stdout (default md)")
+    parser.add_argument("--format", choices=report.FORMATS, default="md",
+                        help="Markdown table, CSV, or a LaTeX tabular as papers print it "
+                             "(booktabs; certified accuracy at --radii and ACR, one column per "
+                             "run, the best in bold) on stdout (default md)")
+    parser.add_argument("--label", action="append", metavar="NAME",
+                        help="the name of a run in the table and the legend, once per results "
+                             "file in their order (default: the file names)")
+    parser.add_argument("--title", metavar="TEXT",
+                        help="a title over the table (md), its caption (latex) and the plot")
+    parser.add_argument("--per-class", action="store_true",
+                        help="also certified accuracy per true label: a table per run (md, "
+                             "latex), or rows certified_accuracy_class_<label> (csv)")
     parser.add_argument("--plot", metavar="PNG",
                         help="also save the curves as an image, one panel per norm, creating "
                              "its folder (needs matplotlib; default: no image)")
@@ -212,19 +249,35 @@ def _report(args: argparse.Namespace) -> int:
     """``certify report``: the table on stdout (and with --plot the image), and a warning
     for each setting in which runs of one norm differ."""
     radii = report.parse_radii(args.radii)
+    names = _run_labels(args.label, args.results)
     tables = [results.read_results(path) for path in args.results]
-    names = report.run_names(args.results)
     _warn_dropped((t.path, t.partial_line) for t in tables if t.partial_line is not None)
     summaries = [report.summarize(t, radii, name) for t, name in zip(tables, names)]
     _warn_raw(summaries)
     runs = list(zip(names, tables))
     if args.plot:
-        report.plot_curves(runs, args.plot)
-    sys.stdout.write(report.format_report(summaries, radii, args.format))
+        report.plot_curves(runs, args.plot, args.title)
+    text = report.format_report(summaries, radii, args.format, args.title)
+    if args.per_class and args.format == "csv":
+        text += report.format_csv_rows(report.per_class_rows(runs, radii))
+    elif args.per_class:
+        text += "".join("\n" + report.format_per_class(name, table, radii, args.format)
+                        for name, table in runs)
+    sys.stdout.write(text)
     sys.stdout.flush()
     for warning in report.setting_warnings(runs):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _run_labels(labels: Sequence[str] | None, paths: Sequence[str]) -> list[str]:
+    """The runs' names: the --label of each file, or the file names."""
+    if labels is None:
+        return report.run_names(paths)
+    if len(labels) != len(paths):
+        raise ArgumentError(f"--label given {len(labels)} times for {len(paths)} results files: "
+                            "give one --label per file, in the files' order")
+    return list(labels)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -303,8 +356,7 @@ def _run_and_say(args: argparse.Namespace, temporary: bool) -> int:
     sys.stdout.write(report.format_report([report.summarize(table, radii, "demo")], radii))
     sigma = results.read_sidecar(out).settings["sigma"]
     sys.stdout.write(demo.explanation(args.norm, sigma, args.n, args.alpha))
-    if not temporary:
-        print(f"results in {out}")
+    print(demo.where_results_are(out, temporary))
     return 0
 
 
@@ -325,11 +377,22 @@ def _train(args: argparse.Namespace) -> int:
     return train_cli.run(args)
 
 
+def _train_denoiser_parser() -> argparse.ArgumentParser:
+    from certify import train_denoiser_cli
+    return train_denoiser_cli.parser()
+
+
+def _train_denoiser(args: argparse.Namespace) -> int:
+    from certify import train_denoiser_cli
+    return train_denoiser_cli.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int]]] = {
     "report": (report_parser, _report),
     "merge": (merge_parser, _merge),
     "train": (_train_parser, _train),
+    "train-denoiser": (_train_denoiser_parser, _train_denoiser),
 }
 
 

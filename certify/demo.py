@@ -49,6 +49,15 @@ def configure(args: argparse.Namespace) -> Optional[Path]:
     return folder
 
 
+def where_results_are(out: Path, temporary: bool) -> str:
+    """The demo's last line: where its results file is, or, when it went to a temporary
+    folder (removed once the report is printed), how to keep it."""
+    if temporary:
+        return ("the results were written to a temporary folder, now removed; keep them with "
+                "--out FILE (e.g. certify --demo --out demo.tsv, then certify report demo.tsv)")
+    return f"results in {out}; see them with 'certify report {out}'"
+
+
 def explanation(norm: str, sigma: float, n: int, alpha: float) -> str:
     """Two lines on what the report's numbers mean and how they grow with n."""
     largest = lambda samples: noise_for_norm(norm, sigma).max_radius(samples, alpha)  # noqa: E731

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 import ancer
-from ancer.data import ImageDataset, load_dataset
+from ancer.data import ImageDataset, class_names, load_dataset
+from ancer.denoisers import load_denoiser
 from ancer.devices import device_name, resolve_device
 from ancer.engine import Certifier, CertifyConfig
 from ancer.errors import ArgumentError, DatasetError
@@ -47,6 +48,12 @@ class RunSpec:
 
     model: str
     out: str
+    arch: Optional[str] = None
+    trust: bool = False
+    norm_stats: Optional[str] = None
+    normalize: Optional[bool] = None
+    labels_sorted: bool = False
+    denoiser: Optional[str] = None
     data: Optional[str] = None
     dataset: Optional[str] = None
     synsets: Optional[str] = None
@@ -115,19 +122,27 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
     default to σ, 2σ, 3σ (p_A of Φ(1), Φ(2), Φ(3) for l2)."""
     notes: list[str] = []
     device = resolve_device(spec.device, launch.local_rank)
-    loaded = load_model(spec.model, map_location=device)
+    loaded = load_model(spec.model, arch=spec.arch, dataset=spec.norm_stats, trust=spec.trust,
+                        normalize=spec.normalize, map_location=device)
+    if fields.get("sigma") is None and spec.denoiser is not None:
+        fields = {**fields, "sigma": _denoiser_sigma(spec.denoiser, notes)}
     config = CertifyConfig(**_with_defaults(fields, loaded, spec.model, notes))
     kind, data = _data_source(spec, loaded, notes)
     extra = dataset_options(kind, loaded.num_classes, spec.synsets)
+    if kind == "folder":
+        extra.update(folder_options(loaded, spec, data))
     dataset = load_dataset(kind, data, skip=spec.skip, max=spec.max, **extra)
     if len(dataset) == 0:
         raise DatasetError(f"--data {data} with --skip {spec.skip} --max {spec.max} "
                            "selects no input: check --max")
     _check_classes(kind, data, dataset, loaded, spec.any_classes)
     planned = len(dataset) * (config.n0 + config.n)
-    certifier = Certifier(loaded, config, device=device, planned_samples=planned)
+    denoiser = None if spec.denoiser is None else load_denoiser(
+        str(Path(spec.denoiser).resolve()), config.sigma, map_location=device)
+    certifier = Certifier(loaded, config, device=device, planned_samples=planned,
+                          denoiser=denoiser)
     settings = {
-        "model_sha256": loaded.sha256, "arch": loaded.arch, "dataset": kind,
+        "model_sha256": loaded.sha256, "arch": loaded.arch, **model_options(spec), "dataset": kind,
         "data": str(Path(data).resolve()), **extra, **certifier.settings(),
         "skip": spec.skip, "max": spec.max, "device_type": device.type,
         "inputs_per_batch": spec.inputs_per_batch or group_size(config),
@@ -143,6 +158,17 @@ def prepare(spec: RunSpec, fields: dict[str, Any], launch: Launch) -> Job:
                          "compile_resolved": certifier.compiled},
     }
     return Job(spec, config, loaded, dataset, certifier, settings, info, notes)
+
+
+def _denoiser_sigma(path: str, notes: list[str]) -> Optional[float]:
+    """The σ a denoiser checkpoint records as its training noise, for a run without
+    ``--sigma`` (a note says so); None when it records none (a diffusion folder never does)."""
+    recorded = load_denoiser(path).sigma if Path(path).is_file() else None
+    if recorded is None:
+        return None
+    notes.append(f"no --sigma given: using σ = {recorded:g}, recorded in the denoiser "
+                 "checkpoint as its training noise")
+    return recorded
 
 
 def _with_defaults(fields: dict[str, Any], loaded: LoadedModel, model: str,
@@ -164,6 +190,28 @@ def _with_defaults(fields: dict[str, Any], loaded: LoadedModel, model: str,
     if fields.get("sequential") and fields.get("radii") is None:
         fields = {**fields, "radii": default_radii(float(fields["sigma"]))}
     return fields
+
+
+def folder_options(loaded: LoadedModel, spec: RunSpec, data: str) -> dict[str, Any]:
+    """The folder reader's options: the model's class names, so that each class folder is
+    labelled by its name, or ``labels_sorted`` when --labels-sorted vouches for the order."""
+    if spec.labels_sorted:
+        return {"labels_sorted": True}
+    classes = class_names(loaded.dataset, spec.synsets, data)
+    if classes is None:
+        load_dataset("folder", data)  # a folder in the wrong layout is told first
+        raise ArgumentError(f"--dataset folder: the model's class names are unknown, so the class "
+                            f"folders of {data} cannot be labelled by name: give the ImageNet "
+                            "synset list with --synsets FILE, or, if the folders in sorted order "
+                            "are the model's labels 0, 1, ..., say so with --labels-sorted")
+    return {"classes": classes}
+
+
+def model_options(spec: RunSpec) -> dict[str, Any]:
+    """The loader's options that change the model (--norm-stats, --normalize), as recorded in
+    the settings: only those given, so that runs without them keep their settings."""
+    given = {"norm_stats": spec.norm_stats, "normalize": spec.normalize}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _check_classes(kind: str, data: str, dataset: ImageDataset, loaded: LoadedModel,

@@ -9,6 +9,11 @@ inside the certified region. Their volume radius ((Π a_i)^(1/d), the radius of 
 equal volume) is reported as the share of correct inputs whose volume radius is at least r:
 not a certified accuracy, since a region of volume radius r need not contain any ball of
 radius r. Radii of l1 and l2 runs are not comparable: the plot draws one panel per norm.
+
+The report is a Markdown table, a CSV, or a LaTeX ``tabular`` (booktabs rules) as papers
+print it: certified accuracy at the chosen radii and the ACR, one column per run, the best
+value of each row in bold, as Cohen et al.'s ``analyze.py`` marks it. A sequential run's
+radii are the grid radii it passed, so its ACR has a row of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -34,18 +39,25 @@ if TYPE_CHECKING:  # matplotlib is optional: imported only to plot
 DEFAULT_RADII = "0:2:0.25"
 MAX_RADII = 10_000
 CURVE_COLUMNS = ("radius", "proxy_radius", "volume_radius")
+#: the rows of the report's curves: the certified radius (for anisotropic runs the proxy
+#: radius, which their ``radius`` column holds; a separate proxy row would repeat it) and,
+#: for anisotropic runs only, the volume radius (an isotropic run's equals its radius)
 _CURVE_LABELS = {"radius": "certified accuracy @ r = {r:g}",
-                 "proxy_radius": "certified accuracy (proxy radius) @ r = {r:g}",
                  "volume_radius": "share correct with volume radius >= {r:g} "
                                   "(not a certified accuracy)"}
-_CURVE_KEYS = {"radius": "certified_accuracy", "proxy_radius": "proxy_certified_accuracy",
-               "volume_radius": "volume_radius_share"}
+_CURVE_KEYS = {"radius": "certified_accuracy", "volume_radius": "volume_radius_share"}
+#: the report's formats (``--format``)
+FORMATS = ("md", "csv", "latex")
+#: the ``bound`` column's value in the rows of a sequential run
+SEQUENTIAL_BOUND = "group-sequential"
 #: the norm of files without a norm column: Cohen et al.'s, whose certificates are l2 balls
 DEFAULT_NORM = "l2"
 #: the settings whose values the plot's legend and warnings compare, as the TSV names them
 COMPARED_SETTINGS = ("sigma", "n", "alpha")
 #: how far past the largest certified radius of its runs a panel's x axis reaches
 X_MARGIN = 1.05
+#: where a panel's legend starts, in axes coordinates: below the x axis and its label
+LEGEND_BELOW = -0.16
 #: the memory column's answers (its text before any ``:``), as the report counts them
 MEMORY_ANSWERS = {"kept": "kept", "shrunk": "shrunk", "override": "overridden",
                   "abstain": "abstained", "raw": "raw (shard rows, not yet merged)"}
@@ -103,7 +115,9 @@ class Summary:
     under the smoothing noise, Σ count_label / Σ n over the rows (None when not recorded).
     ``norm`` is the norm of the radii (:func:`run_norm`); ``forward_passes`` the base
     classifier's forward passes spent on all rows, selection and estimation (None unless
-    every row recorded them).
+    every row recorded them); ``sigma`` the run's σ as text (:func:`run_settings`; None
+    in files without the column); ``sequential`` whether its radii are grid radii
+    (:func:`is_sequential`), which makes its ACR another quantity than a fixed-n run's.
     """
 
     name: str
@@ -118,6 +132,8 @@ class Summary:
     memory: dict[str, int] | None = None
     norm: str = DEFAULT_NORM
     forward_passes: int | None = None
+    sigma: str | None = None
+    sequential: bool = False
 
 
 def memory_counts(table: ResultsTable) -> dict[str, int] | None:
@@ -152,7 +168,16 @@ def summarize(table: ResultsTable, radii: Sequence[float], name: str) -> Summary
         memory=memory_counts(table),
         norm=run_norm(table),
         forward_passes=forward_passes(table),
+        sigma=run_settings(table).get("sigma"),
+        sequential=is_sequential(table),
     )
+
+
+def is_sequential(table: ResultsTable) -> bool:
+    """Whether a run certified sequentially: its radii are then the grid radii each input
+    passed, not σ Φ⁻¹(p_A), so its ACR is not comparable with a fixed-n run's."""
+    bounds = table.columns.get("bound")
+    return bounds is not None and bool((bounds == SEQUENTIAL_BOUND).any())
 
 
 def run_norm(table: ResultsTable) -> str:
@@ -220,29 +245,55 @@ ReportRows = list[tuple[str, Optional[float], str, list[ReportValue]]]
 def report_rows(summaries: Sequence[Summary], radii: Sequence[float]) -> ReportRows:
     """The report as rows (key, radius or None, label, one value per run; None: not available).
 
-    Proxy- and volume-radius rows are listed when some run is anisotropic, forward passes
-    when some run recorded them.
+    Volume-radius rows are listed when some run is anisotropic (with values for those runs
+    only), σ when some file records it, forward passes when some run recorded them. The ACR
+    of sequential runs has a row of its own (:func:`acr_rows`).
     """
     rows: ReportRows = [("norm", None, "norm of the radii", [s.norm for s in summaries])]
-    columns = ["radius"]
+    if any(s.sigma is not None for s in summaries):
+        rows.append(("sigma", None, "noise σ", [s.sigma for s in summaries]))
+    rows += curve_rows(summaries, radii, "radius")
     if any(s.anisotropic for s in summaries):
-        columns += ["proxy_radius", "volume_radius"]
-    for column in columns:
-        for i, r in enumerate(radii):
-            values = [float(s.curves[column][i]) if column in s.curves else None for s in summaries]
-            rows.append((_CURVE_KEYS[column], r, _CURVE_LABELS[column].format(r=r), values))
+        rows += curve_rows(summaries, radii, "volume_radius")
     rows += [
         ("clean_accuracy", None, "smoothed classifier's accuracy (abstain = wrong)",
          [s.clean_accuracy for s in summaries]),
         ("abstain_rate", None, "abstain rate", [s.abstain_rate for s in summaries]),
         ("noisy_accuracy", None, "base classifier's accuracy under noise",
          [s.noisy_accuracy for s in summaries]),
-        ("acr", None, "average certified radius (ACR)", [s.acr for s in summaries]),
+        *acr_rows(summaries),
         ("mean_log_volume", None, "mean log-volume (certified, correct)",
          [s.mean_log_volume for s in summaries]),
         ("rows", None, "inputs", [s.rows for s in summaries]),
     ]
     return rows + _forward_pass_rows(summaries) + _memory_rows(summaries)
+
+
+def curve_rows(summaries: Sequence[Summary], radii: Sequence[float], column: str) -> ReportRows:
+    """One row per radius of a curve; the volume-radius curve has values for anisotropic
+    runs only."""
+    rows: ReportRows = []
+    for i, r in enumerate(radii):
+        values = [float(s.curves[column][i])
+                  if column in s.curves and (column == "radius" or s.anisotropic) else None
+                  for s in summaries]
+        rows.append((_CURVE_KEYS[column], r, _CURVE_LABELS[column].format(r=r), values))
+    return rows
+
+
+def acr_rows(summaries: Sequence[Summary]) -> ReportRows:
+    """The average certified radius: one row for fixed-n runs, and one for sequential runs,
+    whose radii are the grid radii they passed (rounded down to the grid, so their ACR is
+    smaller than a fixed-n run's of the same inputs and is not compared with it)."""
+    rows: ReportRows = []
+    if not all(s.sequential for s in summaries):
+        rows.append(("acr", None, "average certified radius (ACR)",
+                     [None if s.sequential else s.acr for s in summaries]))
+    if any(s.sequential for s in summaries):
+        rows.append(("acr_grid", None, "ACR of grid radii (sequential runs: radii rounded down "
+                     "to the grid, not comparable with a fixed-n ACR)",
+                     [s.acr if s.sequential else None for s in summaries]))
+    return rows
 
 
 def _forward_pass_rows(summaries: Sequence[Summary]) -> ReportRows:
@@ -267,25 +318,37 @@ def _memory_rows(summaries: Sequence[Summary]) -> ReportRows:
              [None if c is None else c[answer] for c in counted]) for answer in answers]
 
 
-def format_report(summaries: Sequence[Summary], radii: Sequence[float], fmt: str = "md") -> str:
-    """The report as a Markdown table (``md``, 4 decimals) or CSV (``csv``, full precision):
-    one row per statistic, one column per run."""
+def format_report(summaries: Sequence[Summary], radii: Sequence[float], fmt: str = "md",
+                  title: str | None = None) -> str:
+    """The report as a Markdown table (``md``, 4 decimals), CSV (``csv``, full precision) or
+    LaTeX (``latex``, :func:`latex_table`): one row per statistic, one column per run.
+    ``title`` heads the Markdown table and captions the LaTeX one (the CSV has none)."""
     rows = report_rows(summaries, radii)
     names = [s.name for s in summaries]
+    if fmt == "latex":
+        return latex_table(summaries, rows, title)
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["quantity", "radius", *names])
-        for key, r, _, values in rows:
-            writer.writerow([key, "" if r is None else repr(r),
-                             *(_csv_text(v) for v in values)])
-        return out.getvalue()
+        return csv_lines([["quantity", "radius", *names]]) + format_csv_rows(rows)
     if fmt != "md":
-        raise ArgumentError(f"--format {fmt!r}: choose md or csv")
-    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        raise ArgumentError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, _, label, values in rows:
         lines.append(f"| {label} | " + " | ".join(_shown(key, v) for v in values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def format_csv_rows(rows: ReportRows) -> str:
+    """Report rows as CSV lines (no header): key, radius, one value per run."""
+    return csv_lines([key, "" if r is None else repr(r), *(_csv_text(v) for v in values)]
+                     for key, r, _, values in rows)
+
+
+def csv_lines(rows: Iterable[Sequence[str]]) -> str:
+    """Rows of text as CSV lines."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
 
 
 def _csv_text(value: ReportValue) -> str:
@@ -306,14 +369,161 @@ def _shown(key: str, value: ReportValue) -> str:
     return f"{value:.1f}" if key == "forward_passes_per_input" else f"{value:.4f}"
 
 
-def plot_curves(runs: Sequence[tuple[str, ResultsTable]], path: str | os.PathLike) -> Figure:
+#: LaTeX's special characters, and the Greek letters and signs the report's text may hold,
+#: as a LaTeX table writes them
+_TEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+             "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+             "^": r"\textasciicircum{}", "σ": r"$\sigma$", "α": r"$\alpha$", "λ": r"$\lambda$",
+             "ε": r"$\varepsilon$", "θ": r"$\theta$", "κ": r"$\kappa$", "≥": r"$\geq$",
+             "≤": r"$\leq$", "—": "---", "–": "--"}
+#: what a LaTeX cell shows for a value that is not available
+TEX_MISSING = "--"
+#: the preamble a LaTeX table of the report needs
+TEX_PACKAGES = r"\usepackage{booktabs}"
+
+
+def tex_escape(text: str) -> str:
+    """``text`` as LaTeX typesets it literally: specials escaped, Greek letters in math."""
+    return "".join(_TEX_TEXT.get(ch, ch) for ch in text)
+
+
+def _tex_norm(norm: str) -> str:
+    return rf"$\ell_{norm[1:]}$" if norm in ("l1", "l2") else tex_escape(norm)
+
+
+def _tex_row(cells: Sequence[str]) -> str:
+    return " & ".join(cells) + r" \\"
+
+
+def _tex_numbers(values: Sequence[ReportValue], digits: int, bold: bool) -> list[str]:
+    """Numbers to ``digits`` decimals, the largest in bold when ``bold`` and two or more are
+    given (Cohen et al.'s ``analyze.py`` marks the best run at each radius so)."""
+    shown = [None if v is None else f"{float(v):.{digits}f}" for v in values]
+    present = [float(t) for t in shown if t is not None]
+    bold = bold and len(present) > 1
+    best = max(present, default=None)
+    return [TEX_MISSING if t is None else rf"\textbf{{{t}}}" if bold and float(t) == best else t
+            for t in shown]
+
+
+def latex_table(summaries: Sequence[Summary], rows: ReportRows, title: str | None = None) -> str:
+    """The report as papers print it: a ``tabular`` with booktabs rules (preamble:
+    ``\\usepackage{booktabs}``), one column per run, rows σ, certified accuracy at each
+    radius (2 decimals) and ACR (3 decimals), the best run of each row in bold when the runs
+    share a norm and are more than one; in a ``table`` with a caption when ``title`` is
+    given."""
+    norms = list(dict.fromkeys(s.norm for s in summaries))
+    bold = len(summaries) > 1 and len(norms) == 1
+    by_key = {}
+    for key, r, _, values in rows:
+        by_key.setdefault(key, []).append((r, values))
+    body = [_tex_row(["", *(tex_escape(s.name) for s in summaries)]), r"\midrule"]
+    if len(norms) > 1:
+        body.append(_tex_row(["norm", *(_tex_norm(s.norm) for s in summaries)]))
+    if "sigma" in by_key:
+        body.append(_tex_row([r"$\sigma$", *(TEX_MISSING if v is None else tex_escape(str(v))
+                                             for v in by_key["sigma"][0][1])]))
+    radius = _tex_norm(norms[0]) + " radius" if len(norms) == 1 else "radius"
+    body += [r"\midrule", _tex_row([f"certified accuracy at {radius}", *[""] * len(summaries)])]
+    body += [_tex_row([f"$r = {r:g}$", *_tex_numbers(values, 2, bold)])
+             for r, values in by_key["certified_accuracy"]]
+    body.append(r"\midrule")
+    labels = {"acr": "ACR", "acr_grid": "ACR, grid radii (sequential)"}
+    body += [_tex_row([label, *_tex_numbers(by_key[key][0][1], 3, bold)])
+             for key, label in labels.items() if key in by_key]
+    lines = [f"% certify report: certified accuracy and average certified radius (ACR); "
+             f"needs {TEX_PACKAGES}",
+             rf"\begin{{tabular}}{{l{'r' * len(summaries)}}}", r"\toprule", *body,
+             r"\bottomrule", r"\end{tabular}"]
+    if title:
+        lines[1:1] = [r"\begin{table}", r"\centering", rf"\caption{{{tex_escape(title)}}}"]
+        lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- per class
+
+
+@dataclass(frozen=True)
+class ClassCurve:
+    """One class of a run: its label, name (None when the run does not record names), the
+    number of its inputs and their certified accuracy at each radius."""
+
+    label: int
+    name: str | None
+    inputs: int
+    curve: np.ndarray
+
+
+def per_class(table: ResultsTable, radii: Sequence[float]) -> list[ClassCurve]:
+    """Certified accuracy at each radius among the inputs of each true label (Cohen et al.'s
+    statistic restricted to one class), by label."""
+    labels = table.columns["label"]
+    correct = table.columns["correct"] == 1
+    radius = table.columns["radius"]
+    names = class_names_of(table)
+    curves = []
+    for label in sorted({int(v) for v in labels}):
+        mine = labels == label
+        curve = np.array([np.mean((correct & (radius >= r))[mine]) for r in radii])
+        name = names[label] if names is not None and 0 <= label < len(names) else None
+        curves.append(ClassCurve(label, name, int(mine.sum()), curve))
+    return curves
+
+
+def class_names_of(table: ResultsTable) -> list[str] | None:
+    """The class names a run recorded (a class-folder dataset's), else None."""
+    sidecar = read_sidecar(table.path) if table.path.exists() else None
+    classes = None if sidecar is None else sidecar.settings.get("classes")
+    return list(classes) if isinstance(classes, list) else None
+
+
+def per_class_rows(runs: Sequence[tuple[str, ResultsTable]], radii: Sequence[float]) -> ReportRows:
+    """Per-class certified accuracy as report rows (key ``certified_accuracy_class_<label>``,
+    one column per run, None where a run has no input of the class), for the CSV."""
+    by_run = [{c.label: c for c in per_class(table, radii)} for _, table in runs]
+    rows: ReportRows = []
+    for label in sorted(set().union(*by_run)):
+        for i, r in enumerate(radii):
+            values = [float(c[label].curve[i]) if label in c else None for c in by_run]
+            rows.append((f"certified_accuracy_class_{label}", r,
+                         f"class {label}: certified accuracy @ r = {r:g}", values))
+    return rows
+
+
+def format_per_class(name: str, table: ResultsTable, radii: Sequence[float],
+                     fmt: str = "md") -> str:
+    """One run's per-class certified accuracy as a table: a row per class (label, name when
+    recorded, inputs), a column per radius; Markdown (4 decimals) or LaTeX (2 decimals)."""
+    curves = per_class(table, radii)
+    def title(c: ClassCurve) -> str:
+        return f"{c.label}" + (f" ({c.name})" if c.name else "")
+    if fmt == "latex":
+        lines = [f"% certify report --per-class: {tex_escape(name)}; needs {TEX_PACKAGES}",
+                 rf"\begin{{tabular}}{{lr{'r' * len(radii)}}}", r"\toprule",
+                 _tex_row(["class", "inputs", *(f"$r = {r:g}$" for r in radii)]), r"\midrule"]
+        lines += [_tex_row([tex_escape(title(c)), str(c.inputs), *_tex_numbers(c.curve, 2, False)])
+                  for c in curves]
+        return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+    lines = [f"**{name}: certified accuracy per class**", "",
+             "| class | inputs | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
+             "|---|---:|" + "---:|" * len(radii)]
+    lines += [f"| {title(c)} | {c.inputs} | " + " | ".join(f"{v:.4f}" for v in c.curve) + " |"
+              for c in curves]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: Sequence[tuple[str, ResultsTable]], path: str | os.PathLike,
+                title: str | None = None) -> Figure:
     """Save a plot of certified accuracy against radius to ``path`` and return its Figure.
 
     One panel per norm, in the order the runs bring them (the radii of l1 and l2 runs are
     not comparable), one colour per run. Each panel's x axis runs from 0 to a little past
     the largest certified radius of its runs (where their last curve reaches 0); each
-    legend entry gives the run's name, n and abstain rate. The image type follows the file's
-    extension (.png, or any other matplotlib writes); missing folders are created.
+    legend entry gives the run's name (its ``--label``), σ, n and abstain rate, and the
+    legend sits below the panel, where it cannot cover a curve. ``title`` heads the figure.
+    The image type follows the file's extension (.png, or any other matplotlib writes);
+    missing folders are created.
     """
     try:
         from matplotlib.figure import Figure
@@ -330,10 +540,12 @@ def plot_curves(runs: Sequence[tuple[str, ResultsTable]], path: str | os.PathLik
     for axes, (norm, members) in zip(figure.subplots(1, len(panels), squeeze=False)[0],
                                      panels.items()):
         _draw_panel(axes, norm, members)
-    figure.tight_layout()
+    if title:
+        figure.suptitle(title)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format=kind)
+        # the legends below the panels are part of the image: the saved area grows to hold them
+        figure.savefig(path, format=kind, bbox_inches="tight")
     except OSError as error:
         raise ArgumentError(f"--plot {str(path)!r}: cannot write it in {str(path.parent)!r} "
                             f"({error.strerror or error}); choose a folder you can write") from None
@@ -357,15 +569,16 @@ def setting_warnings(runs: Sequence[tuple[str, ResultsTable]]) -> list[str]:
 
 
 def legend_label(name: str, table: ResultsTable) -> str:
-    """A run's legend entry: its name, n (``n unknown`` in Cohen et al.'s files) and abstain
-    rate; anisotropic runs add that their radius is the proxy radius."""
-    n = run_settings(table).get("n")
+    """A run's legend entry: its name, σ (when recorded), n (``n unknown`` in Cohen et al.'s
+    files) and abstain rate; anisotropic runs add that their radius is the proxy radius."""
+    settings = run_settings(table)
+    n = settings.get("n")
+    sigma = f"σ={settings['sigma']}, " if "sigma" in settings else ""
     abstain = float(np.mean(table.columns["predict"] == ABSTAIN))
     proxy = ", proxy radius" if table.anisotropic else ""
-    bounds = table.columns.get("bound")
-    sequential = " sequential" if bounds is not None and (bounds == "group-sequential").any() else ""
+    sequential = " sequential" if is_sequential(table) else ""
     size = "n unknown" if n is None else f"n={n}{sequential}"
-    return f"{name} ({size}, abstain {abstain:.0%}{proxy})"
+    return f"{name} ({sigma}{size}, abstain {abstain:.0%}{proxy})"
 
 
 def _panels(runs: Sequence[tuple[str, ResultsTable]]
@@ -393,7 +606,8 @@ def _draw_panel(axes: Axes, norm: str, members: Sequence[tuple[int, str, Results
     axes.set_xlim(0.0, right)
     axes.set_ylim(0.0, 1.0)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, LEGEND_BELOW),
+                frameon=False)
 
 
 def _largest_certified_radius(table: ResultsTable) -> float:

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
     noise = p.add_argument_group("noise")
     noise.add_argument("--sigma", type=float, required=True,
-                       help="noise standard deviation (required)")
+                       help="noise standard deviation, 0 to train on clean inputs (required)")
     noise.add_argument("--noise", choices=sorted(NOISES), default="gaussian",
                        help="gaussian (l2) or uniform (l1, half-width sqrt(3)*sigma) "
                             "(default %(default)s)")

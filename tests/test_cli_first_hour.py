@@ -127,4 +127,16 @@ def test_the_demo_leaves_no_temporary_folder(capsys):
     before = set(Path(tempfile.gettempdir()).glob("certify-demo-*"))
     assert certify("--demo", "--max", "2", "--n", "50", "--quiet") == 0
     assert set(Path(tempfile.gettempdir()).glob("certify-demo-*")) == before
-    assert "certified accuracy @ r = 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "certified accuracy @ r = 0" in out
+    assert out.splitlines()[-1].startswith("the results were written to a temporary folder, "
+                                           "now removed; keep them with --out FILE")
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped assets are not built")
+def test_the_demo_keeps_its_results_with_out_and_says_where(tmp_path, capsys):
+    out = tmp_path / "demo.tsv"
+    assert certify("--demo", "--max", "2", "--n", "50", "--quiet", "--out", str(out)) == 0
+    assert len(read_results(out)) == 2
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"results in {out}; see them with 'certify report {out}'")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ancer.data import load_dataset, resize_center_crop
+from ancer.data import CIFAR10_CLASSES, class_names, load_dataset, resize_center_crop
 from ancer.errors import ArgumentError, DatasetError
 
 Image = pytest.importorskip("PIL.Image")
@@ -197,6 +197,35 @@ def test_image_folder_reads_exact_pixels(tmp_path):
         load_dataset("folder", tmp_path / ".hidden")
 
 
+def _class_folders(root, names):
+    for name in names:
+        (root / name).mkdir()
+        Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(root / name / "0.png")
+
+
+def test_image_folder_labels_folders_by_the_models_class_names(tmp_path):
+    _class_folders(tmp_path, ("cat", "dog"))
+    ds = load_dataset("folder", tmp_path, classes=CIFAR10_CLASSES)
+    assert [ds[i][1] for i in range(len(ds))] == [3, 5] and ds.num_classes == 10
+    (tmp_path / "synsets.txt").write_text("n0\nn1\ncat\nn3\nn4\ndog\n")  # a file of names
+    assert [y for _, y in load_dataset("folder", tmp_path, classes=tmp_path / "synsets.txt")] == [2, 5]
+    assert [y for _, y in load_dataset("folder", tmp_path)] == [0, 1]   # no model: sorted
+
+
+def test_image_folder_refuses_names_the_model_does_not_have(tmp_path):
+    _class_folders(tmp_path, ("cats", "dogs"))
+    with pytest.raises(DatasetError, match=r"class folder 'cats' .* not one of the model's 10 "
+                                           r"classes .*labels_sorted=True \(certify: --labels-sorted\)"):
+        load_dataset("folder", tmp_path, classes=CIFAR10_CLASSES)
+    ds = load_dataset("folder", tmp_path, classes=CIFAR10_CLASSES, labels_sorted=True)
+    assert [y for _, y in ds] == [0, 1]
+
+
+def test_class_names_of_a_model():
+    assert class_names("cifar10")[3] == "cat" and class_names(None) is None
+    assert class_names("imagenet") is None and class_names("imagenet", ["n1", "n2"]) == ["n1", "n2"]
+
+
 def test_missing_pillow_gives_a_clear_message(tmp_path, monkeypatch):
     _jpeg(tmp_path / "a" / "x.jpg", (4, 4), (0, 0, 0))
     monkeypatch.setitem(sys.modules, "PIL", None)
@@ -226,8 +255,10 @@ def test_npz_reader(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="cannot read"):
         load_dataset("npz", tmp_path / "junk.npz")
-    with pytest.raises(ArgumentError):
+    with pytest.raises(DatasetError, match=r"u8.npz' holds label 8, but the model has 5 classes"):
         load_dataset("npz", tmp_path / "u8.npz", num_classes=5)
+    with pytest.raises(ArgumentError, match="num_classes must be a positive integer"):
+        load_dataset("npz", tmp_path / "u8.npz", num_classes=2.5)
 
 
 def test_load_dataset_argument_errors(tmp_path):

@@ -286,6 +286,21 @@ def test_save_and_reload_continue_identically(tmp_path):
     assert whole.counts["shrunk"] + whole.counts["overridden"] > 0
 
 
+def test_save_into_a_missing_folder_creates_it_and_errors_name_the_path(tmp_path):
+    memory = Memory("l2")
+    x = torch.zeros(3)
+    memory.certify(x, 1, L2Ball(x, 0.5), key=0)
+    path = tmp_path / "x" / "y" / "run.memory.pt"   # docs/python.md section 2 saves like this
+    memory.save(path)
+    assert Memory.load(path).processed == [0]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ResultsError, match=r"cannot create the folder .*file/sub of the memory "
+                                           r"file .*run.memory.pt"):
+        memory.save(tmp_path / "file" / "sub" / "run.memory.pt")
+    with pytest.raises(IsADirectoryError, match=r"^\[Errno 21\] Is a directory: '[^']*/x'$"):
+        memory.save(tmp_path / "x")
+
+
 def test_unreadable_memory_files_raise_results_errors(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a memory")

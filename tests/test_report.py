@@ -188,10 +188,10 @@ def test_plot_has_one_panel_per_norm_with_named_axes_fitted_limits_and_legends(t
     assert 1.0 < l2.get_xlim()[1] <= 1.1 and 1.0 < l1.get_xlim()[1] <= 1.1
     assert l2.get_xlim()[0] == 0.0 and l2.get_ylim() == (0.0, 1.0)
     assert [t.get_text() for t in l2.get_legend().get_texts()] == [
-        "a2 (n=1000, abstain 17%)", "b2 (n=100000, abstain 17%)",
+        "a2 (σ=0.25, n=1000, abstain 17%)", "b2 (σ=0.25, n=100000, abstain 17%)",
         "cohen (n unknown, abstain 25%)"]
     assert [t.get_text() for t in l1.get_legend().get_texts()] == [
-        "a1 (n=1000, abstain 17%, proxy radius)"]
+        "a1 (σ=0.25, n=1000, abstain 17%, proxy radius)"]
 
 
 def test_plot_x_axis_fits_the_data_not_the_radii(tmp_path, capsys):

@@ -149,7 +149,7 @@ def test_learning_rate_schedules():
         [0.1, 0.1, 0.01, 0.001])
 
 
-@pytest.mark.parametrize("bad", [dict(sigma=0), dict(sigma=float("nan")), dict(noise="laplace"),
+@pytest.mark.parametrize("bad", [dict(sigma=-0.1), dict(sigma=float("nan")), dict(noise="laplace"),
                                  dict(epochs=0), dict(batch_size=1.5), dict(schedule="linear"),
                                  dict(momentum=1.5), dict(consistency=-1), dict(augment="yes")])
 def test_config_rejects_bad_values(bad):

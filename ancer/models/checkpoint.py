@@ -16,6 +16,7 @@ from typing import Any, Union
 import torch
 
 from ancer.errors import CheckpointError
+from ancer.models.options import option
 
 PathLike = Union[str, Path]
 
@@ -50,6 +51,21 @@ def check_file(path: PathLike) -> Path:
     return path
 
 
+#: the first byte of a pickle of protocol 2 or later: the legacy ``torch.save`` format
+#: (``_use_new_zipfile_serialization=False``) starts with the pickled magic number
+_PICKLE_PROTO = b"\x80"
+
+
+def _start(head: bytes) -> str:
+    """The first bytes of a file, as text when they read as text, for messages."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"the bytes {head[:16]!r}"
+    first = text.splitlines()[0] if text.strip() else text
+    return f"the text {first[:40]!r}"
+
+
 def read_checkpoint(path: PathLike, trust: bool, map_location: torch.device) -> Any:
     """Load the object stored in ``path``: a ScriptModule for a TorchScript archive, else
     what ``torch.load`` returns (with ``weights_only=not trust``).
@@ -59,7 +75,13 @@ def read_checkpoint(path: PathLike, trust: bool, map_location: torch.device) -> 
     """
     path = check_file(path)
     with open(path, "rb") as f:
-        zip_magic = f.read(2) == b"PK"
+        head = f.read(64)
+    zip_magic = head[:2] == b"PK"
+    if not zip_magic and head[:1] != _PICKLE_PROTO:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a PyTorch checkpoint: it is neither a zip archive "
+            f"(torch.save, torch.jit.save) nor a pickle; it starts with {_start(head)}"
+        )
     if zip_magic and not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is a truncated or corrupt zip archive (no central "
@@ -79,22 +101,24 @@ def read_checkpoint(path: PathLike, trust: bool, map_location: torch.device) -> 
             raise CheckpointError(
                 f"checkpoint {str(path)!r} holds the Python object {found.group(1)}, not "
                 "only tensors, so it was not unpickled: loading it could run code from the "
-                "file. If you trust its source, pass trust=True"
+                f"file. If you trust its source, pass {option('trust', 'True')}"
             ) from None
         reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
         reason = reason.group(1).strip() if reason else str(exc).split("\n")[0]
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be unpickled ({reason}): the file is "
             "truncated, corrupt, or not a PyTorch checkpoint"
-            + ("" if trust else "; or, if it holds Python objects from a trusted source, pass trust=True")
+            + ("" if trust else "; or, if it holds Python objects from a trusted source, pass "
+               f"{option('trust', 'True')}")
         ) from None
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is a pickle of classes that cannot be imported here "
             f"({exc}); import the code that defined the model first, or save its "
-            "state_dict() and load it with arch=..."
+            f"state_dict() and load it with {option('arch')}"
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, OSError,
+            zipfile.BadZipFile) as exc:
         reason = f"{type(exc).__name__}: {str(exc).split('. ')[0]}"
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read ({reason}); the file is "

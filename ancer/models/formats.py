@@ -25,8 +25,9 @@ from ancer.errors import CheckpointError
 #: The checkpoint formats :func:`recognize` knows, described for error messages.
 KNOWN_FORMATS = (
     "{'arch', 'state_dict'} (Cohen et al., SmoothAdv); {'net': state_dict} (MACER); "
-    "{'epoch', 'state_dict', 'optimizer_param'} (DDRS/ANCER, with arch=...); a bare state "
-    "dict (with arch=...); a TorchScript archive; a whole pickled nn.Module (trust=True)"
+    "{'epoch', 'state_dict', 'optimizer_param'} (DDRS/ANCER, with arch=, certify --arch); a "
+    "bare state dict (with arch=, certify --arch); a TorchScript archive; a whole pickled "
+    "nn.Module (trust=True, certify --trust)"
 )
 
 _SIGMA_KEYS = ("sigma", "noise_sd")

@@ -15,6 +15,7 @@ from ancer.errors import ArgumentError, CheckpointError
 from ancer.models.checkpoint import PathLike, read_checkpoint, sha256_of
 from ancer.models.formats import Recognized, recognize, strip_prefixes
 from ancer.models.normalize import check_dataset
+from ancer.models.options import option
 from ancer.models.registry import ARCHITECTURES, available_models, create_model, get_architecture
 
 #: Side of the square inputs used to probe a model whose architecture is unknown.
@@ -111,7 +112,7 @@ def _build(rec: Recognized, arch: str, dataset: Optional[str], normalize: bool, 
     problem = _first_mismatch(model[1], state_dict)
     if problem is not None:
         guesses = _matching_archs(state_dict, num_classes)
-        hint = f"; its keys and shapes fit arch={guesses[0]!r}" if guesses else ""
+        hint = f"; its keys and shapes fit {option('arch', repr(guesses[0]))}" if guesses else ""
         raise CheckpointError(
             f"the weights in {path!r} do not fit architecture {arch!r}: {problem} (keys "
             f"compared after removing 'module.' and '1.' prefixes){hint}"
@@ -144,8 +145,9 @@ def _probe(model: nn.Module, dataset: Optional[str], path: str):
         )
         return int(out.shape[1]), "probabilities" if is_prob else "logits"
     raise CheckpointError(
-        f"the model in {path!r} failed on inputs of shape (N, 3, {sizes}); pass dataset= "
-        "(cifar10, imagenet32 or imagenet) to probe it with the right input size"
+        f"the model in {path!r} failed on inputs of shape (N, 3, {sizes}); pass "
+        f"{option('dataset')} (cifar10, imagenet32 or imagenet) to probe it with the right "
+        "input size"
     )
 
 
@@ -198,6 +200,8 @@ def load_model(
         check_dataset(dataset)
     if not isinstance(trust, bool):
         raise ArgumentError(f"trust must be True or False, got {trust!r}")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise ArgumentError(f"normalize must be None, True or False, got {normalize!r}")
     try:
         device = torch.device(map_location)
     except (RuntimeError, TypeError):
@@ -217,16 +221,17 @@ def load_model(
 
     if rec.arch is not None and rec.arch in ARCHITECTURES:
         if arch is not None and arch != rec.arch:
-            raise ArgumentError(f"arch={arch!r} contradicts the file's arch {rec.arch!r}")
+            raise ArgumentError(f"{option('arch', repr(arch))} contradicts the file's arch "
+                                f"{rec.arch!r}: drop it")
         arch = rec.arch
     if arch is None:
         state_dict = strip_prefixes(rec.state_dict)
         guesses = _matching_archs(state_dict, _num_classes(state_dict))
         named = f" (the file names {rec.arch!r}, which ancer does not know)" if rec.arch else ""
-        hint = f"; its keys and shapes fit arch={guesses[0]!r}" if guesses else ""
+        hint = f"; its keys and shapes fit {option('arch', repr(guesses[0]))}" if guesses else ""
         raise CheckpointError(
             f"{path!r} is a {rec.format!r} checkpoint without a known architecture{named}: "
-            f"pass arch= (one of {', '.join(available_models())}){hint}"
+            f"pass {option('arch')}, one of {', '.join(available_models())}{hint}"
         )
     if normalize is None:
         normalize = rec.format != "macer"

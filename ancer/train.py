@@ -9,30 +9,31 @@ smoothing noise, so the base classifier is trained on noisy inputs:
   inside), with the cross-entropy loss;
 - **uniform-noise augmentation** for l1 certificates (Yang et al. 2020, "Randomized
   smoothing of all shapes and sizes"): ε ~ U[-λ, λ]^d with λ = √3·σ (Yang et al.'s convention);
-- optional **consistency regularization** (Jeong & Shin 2020, "Consistency regularization
-  for certified robustness of smoothed classifiers"; in the spirit of the stability
-  training Yang et al. use): two noisy copies of each input, the mean of their
-  cross-entropies plus ``consistency`` times the mean KL divergence from the copies'
-  average prediction to each copy's prediction. Jeong & Shin's entropy term (η) is not
-  included. Off by default (``consistency=0``).
+- the certified-training objectives of :mod:`ancer.training_methods`, chosen by
+  ``TrainConfig.method``: consistency regularization (Jeong & Shin, NeurIPS 2020), MACER
+  (Zhai et al., ICLR 2020) and SmoothAdv (Salman et al., NeurIPS 2019); Gaussian (or
+  uniform) augmentation is the default.
 
 The rest is the usual recipe: SGD with momentum and weight decay, a cosine (per step) or
 step (per epoch) learning-rate schedule, the standard CIFAR crop and flip
-(:mod:`ancer.augment`), bf16 autocast on CUDA only. After every epoch a checkpoint in Cohen
+(:mod:`ancer.augment`), bf16 autocast on CUDA only. Training starts from a fresh initialization or, with
+``init=``, from the weights of another checkpoint of the same architecture (fine-tuning,
+or SmoothAdv's pretraining protocol). After every epoch a checkpoint in Cohen
 et al.'s format is written atomically: ``{'arch', 'state_dict', 'epoch', 'sigma', 'noise',
-'dataset', 'num_classes', 'config', 'history', 'optimizer'}``, the state dict being that of
+'method', 'dataset', 'num_classes', 'config', 'history', 'optimizer', 'init'}`` (``method``:
+the method's name and hyperparameters), the state dict being that of
 ``Sequential(NormalizeLayer, net)``, so :func:`ancer.load_model` reads it and training
 resumes from it. Randomness comes from the seed and the epoch number only: a resumed run
 draws what the uninterrupted run would have drawn.
 """
 import math
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -43,13 +44,13 @@ from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import create_model
 from ancer.models.checkpoint import read_checkpoint
 from ancer.models.registry import get_architecture
-from ancer.noise import Gaussian, Noise, Uniform
+from ancer.noise import FAMILIES, Noise
 from ancer.seeding import derive_seed, make_generator
+from ancer.training_methods import (GaussianAugmentation, TrainingMethod, check_int,
+                                    check_number, method_from_record)
 
 PathLike = Union[str, Path]
 
-#: The training noises by name: Gaussian (l2, Cohen et al.) and uniform (l1, Yang et al.).
-NOISES = {"gaussian": Gaussian, "uniform": Uniform}
 #: The learning-rate schedules.
 SCHEDULES = ("cosine", "step")
 
@@ -64,11 +65,15 @@ class TrainConfig:
         Standard deviation of the training noise (for uniform noise λ = √3·σ); 0 trains
         on clean inputs (a classifier for denoised smoothing).
     noise : str
-        ``"gaussian"`` (Cohen et al. 2019) or ``"uniform"`` (Yang et al. 2020).
+        ``"gaussian"`` (Cohen et al. 2019) or ``"uniform"`` (Yang et al. 2020): a family of
+        :data:`ancer.noise.FAMILIES`.
+    method : TrainingMethod
+        The objective and its hyperparameters (:mod:`ancer.training_methods`), e.g.
+        ``Macer()`` or ``Consistency.for_sigma(0.25)``; Gaussian augmentation by default.
     epochs : int
         Number of passes over the training set.
     batch_size : int
-        Inputs per step (each gives two noisy copies when ``consistency > 0``).
+        Inputs per step (each gives the method's number of noisy copies).
     lr, momentum, weight_decay : float
         SGD's parameters.
     schedule : str
@@ -76,8 +81,6 @@ class TrainConfig:
         ``lr_gamma`` every ``lr_step`` epochs (Cohen et al.: 30 and 0.1).
     lr_step : int
     lr_gamma : float
-    consistency : float
-        Weight λ of the consistency term (Jeong & Shin 2020); 0 turns it off.
     augment : bool
         Random crop (zero padding 4) and horizontal flip, the standard CIFAR augmentation.
     seed : int
@@ -94,30 +97,41 @@ class TrainConfig:
     schedule: str = "step"
     lr_step: int = 30
     lr_gamma: float = 0.1
-    consistency: float = 0.0
+    method: TrainingMethod = field(default_factory=GaussianAugmentation)
     augment: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_number("sigma", self.sigma, low=0.0)
-        if self.noise not in NOISES:
-            raise ArgumentError(f"noise must be one of {sorted(NOISES)}, got {self.noise!r}")
+        check_number("sigma", self.sigma, low=0.0)
+        if self.noise not in FAMILIES:
+            raise ArgumentError(f"noise must be one of {sorted(FAMILIES)}, got {self.noise!r}")
+        if not isinstance(self.method, TrainingMethod):
+            raise ArgumentError(f"method must be a TrainingMethod (ancer.training_methods), "
+                                f"got {self.method!r}")
+        self.method.check_noise(self.noise)
+        if self.sigma == 0 and not isinstance(self.method, GaussianAugmentation):
+            raise ArgumentError(f"sigma=0 trains on clean inputs, which only the gaussian method "
+                                f"does: give sigma > 0 for method={self.method.name}")
         if self.schedule not in SCHEDULES:
             raise ArgumentError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         for name in ("epochs", "batch_size", "lr_step"):
-            _check_int(name, getattr(self, name), low=1)
-        _check_int("seed", self.seed, low=0)
-        _check_number("lr", self.lr, low=0.0, strict=True)
-        _check_number("momentum", self.momentum, low=0.0, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
-        _check_number("consistency", self.consistency, low=0.0)
+            check_int(name, getattr(self, name), low=1)
+        check_int("seed", self.seed, low=0)
+        check_number("lr", self.lr, low=0.0, strict=True)
+        check_number("momentum", self.momentum, low=0.0, high=1.0)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
         if not isinstance(self.augment, bool):
             raise ArgumentError(f"augment must be True or False, got {self.augment!r}")
 
     def make_noise(self) -> Optional[Noise]:
         """The training noise at ``sigma``; None for ``sigma == 0`` (clean training)."""
-        return NOISES[self.noise](self.sigma) if self.sigma > 0 else None
+        return FAMILIES[self.noise](self.sigma) if self.sigma > 0 else None
+
+    def record(self) -> Dict[str, Any]:
+        """The config as a checkpoint stores it: its fields, the method as its record."""
+        return {**{f: getattr(self, f) for f in self.__dataclass_fields__},
+                "method": self.method.record()}
 
 
 @dataclass(frozen=True)
@@ -131,18 +145,21 @@ class Progress:
     loss: float
     accuracy: float  # on the noisy training inputs
     lr: float
+    terms: Dict[str, float] = field(default_factory=dict)  # each loss term's running mean
 
 
 @dataclass(frozen=True)
 class EpochStats:
     """One finished epoch: mean loss, accuracy under noise on the (augmented) training
-    inputs, the learning rate at its start, and its wall time in seconds."""
+    inputs, the learning rate at its start, its wall time in seconds, and the mean of each
+    term of the method's loss (e.g. ``ce``, ``kl``, ``entropy``)."""
 
     epoch: int
     loss: float
     accuracy: float
     lr: float
     seconds: float
+    terms: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,23 +172,6 @@ class TrainResult:
     checkpoint: str
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_number(
-    name: str, value: Any, low: float, high: float = math.inf, strict: bool = False
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if strict else value >= low) and value <= high
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        bound += f" and <= {high}" if math.isfinite(high) else ""
-        raise ArgumentError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
 def learning_rate(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
     """The learning rate at step ``step`` (from 0) of ``steps`` in epoch ``epoch`` (from 0):
     cosine annealing to 0 over all steps (Loshchilov & Hutter 2017, without restarts) or
@@ -180,42 +180,6 @@ def learning_rate(config: TrainConfig, epoch: int, step: int, steps: int) -> flo
         return config.lr * config.lr_gamma ** (epoch // config.lr_step)
     t = epoch * steps + step
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * t / (config.epochs * steps)))
-
-
-def noisy_loss(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    noise: Optional[Noise],
-    consistency: float = 0.0,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The training loss on noisy copies of a batch, and the predictions on them.
-
-    With ``consistency == 0``: cross-entropy of ``model(x + ε)`` (Gaussian data
-    augmentation, Cohen et al. 2019; uniform, Yang et al. 2020). Otherwise two copies
-    x + ε₁, x + ε₂ and (Jeong & Shin 2020, without the entropy term)
-    ``mean_i CE(f(x + ε_i), y) + consistency · mean_i KL(p̄ ‖ p_i)`` with p_i the softmax of
-    copy i and p̄ their mean.
-
-    Returns ``(loss, predicted)``: the scalar loss and the predicted classes of every
-    noisy copy, shape (copies, N), for the accuracy under noise.
-    """
-    copies = 2 if consistency > 0 else 1
-    if noise is None:  # clean training (sigma = 0)
-        noisy = x.expand(copies, *x.shape)
-    else:
-        noisy = noise.perturb_(torch.empty((copies, *x.shape), device=x.device, dtype=x.dtype), x, generator)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        logits = model(noisy.flatten(0, 1))
-    logits = logits.float().view(copies, len(x), -1)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(copies))
-    if consistency > 0:
-        log_p = F.log_softmax(logits, dim=-1)
-        log_mean = torch.logsumexp(log_p, dim=0) - math.log(copies)
-        kl = (log_mean.exp() * (log_mean - log_p)).sum(-1).mean()
-        loss = loss + consistency * kl
-    return loss, logits.argmax(-1)
 
 
 def save_checkpoint(path: PathLike, checkpoint: Dict[str, Any]) -> None:
@@ -285,15 +249,51 @@ def _resume_state(path: Path, arch: str, config: TrainConfig, device: torch.devi
             f"cannot resume from {str(path)!r}: it is not a checkpoint written by ancer.train "
             "(needs 'arch', 'state_dict', 'epoch', 'config', 'optimizer')"
         )
-    before = saved["config"]
+    before = {**saved["config"], "arch": saved["arch"]}
     for key, now in (("arch", arch), ("noise", config.noise), ("sigma", config.sigma)):
-        was = saved["arch"] if key == "arch" else before.get(key)
+        was = before.get(key)
         if was != now:
             raise ArgumentError(
                 f"cannot resume {str(path)!r}: it was trained with {key}={was!r}, not {now!r}; "
                 "use the same settings or another checkpoint path"
             )
+    was = method_from_record(saved.get("method", GaussianAugmentation().record()))
+    if was != config.method:
+        raise ArgumentError(
+            f"cannot resume {str(path)!r}: it was trained with method={was.describe()}, not "
+            f"{config.method.describe()}; use the same settings or another checkpoint path")
     return saved
+
+
+def _init_weights(path: Path, arch: str, num_classes: int, config: TrainConfig,
+                  model: nn.Module, device: torch.device) -> Dict[str, Any]:
+    """The state dict of the checkpoint ``path`` to start from, checked to be of ``arch``
+    with ``num_classes`` classes; warns when it was trained at another σ."""
+    saved = read_checkpoint(path, trust=False, map_location=device)
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise CheckpointError(f"cannot start from {str(path)!r}: it holds no 'state_dict' "
+                              "(give a checkpoint written by ancer.train or Cohen et al.'s code)")
+    was = saved.get("arch")
+    if was is not None and was != arch:
+        raise ArgumentError(f"init {str(path)!r} is a {was} checkpoint, not {arch}; use "
+                            f"arch={was} or an init of architecture {arch}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in saved["state_dict"].items()}
+    classes = saved.get("num_classes")
+    if classes is not None and classes != num_classes:
+        raise ArgumentError(f"init {str(path)!r} has {classes} classes, the training set "
+                            f"{num_classes}; train on a dataset with {classes} classes or "
+                            "choose another init")
+    if shapes != theirs:
+        differ = sorted(set(shapes) ^ set(theirs)) or [k for k in shapes if shapes[k] != theirs[k]]
+        raise ArgumentError(f"init {str(path)!r} does not fit architecture {arch} with "
+                            f"{num_classes} classes (e.g. {differ[0]}); choose an init of "
+                            "that architecture and class count")
+    sigma = saved.get("sigma")
+    if sigma is not None and not math.isclose(float(sigma), config.sigma):
+        warnings.warn(f"init {str(path)!r} was trained at sigma {sigma}, training now at sigma "
+                      f"{config.sigma}", stacklevel=3)
+    return saved["state_dict"]
 
 
 def train(
@@ -306,6 +306,8 @@ def train(
     num_classes: Optional[int] = None,
     device: Union[str, torch.device] = "cpu",
     resume: bool = False,
+    init: Optional[PathLike] = None,
+    until: Optional[int] = None,
     workers: int = 0,
     callback: Optional[Callable[[Progress], None]] = None,
 ) -> TrainResult:
@@ -336,6 +338,13 @@ def train(
         Continue from ``checkpoint`` if it exists (from the epoch after its last one, up to
         ``config.epochs``); start afresh if it does not. Without ``resume`` an existing
         ``checkpoint`` is an error, so that no finished run is overwritten by mistake.
+    init : str or Path, optional
+        Start from this checkpoint's weights (same architecture and number of classes,
+        else an ArgumentError; a warning when it was trained at another σ) with a fresh
+        optimizer: fine-tuning. Ignored when resuming an existing ``checkpoint``.
+    until : int, optional
+        Stop after this epoch (from 1, at most ``config.epochs``); the schedule is still
+        that of ``config.epochs`` epochs, and ``resume`` continues from there.
     workers : int
         ``num_workers`` of the DataLoader.
     callback : callable, optional
@@ -347,7 +356,7 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise ArgumentError(f"config must be a TrainConfig, got {type(config).__name__}")
-    _check_int("workers", workers, low=0)
+    check_int("workers", workers, low=0)
     if len(train_set) < config.batch_size:
         raise ArgumentError(
             f"the training set has {len(train_set)} items, fewer than batch_size="
@@ -355,6 +364,9 @@ def train(
         )
     num_classes = _num_classes(train_set, num_classes)
     device = _check_device(device)
+    if until is not None:
+        check_int("until", until, low=1)
+        until = min(until, config.epochs)
     checkpoint = Path(checkpoint)
     if checkpoint.exists() and not resume:
         raise ArgumentError(
@@ -377,10 +389,14 @@ def train(
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         start, history = saved["epoch"], [EpochStats(**h) for h in saved.get("history", [])]
+        init = saved.get("init")
+    elif init is not None:
+        model.load_state_dict(_init_weights(Path(init), arch, num_classes, config, model, device))
+        init = str(init)
     noise = config.make_noise()
     dataset = dataset if dataset is not None else get_architecture(arch).dataset
 
-    for epoch in range(start, config.epochs):
+    for epoch in range(start, until if until is not None else config.epochs):
         history.append(_train_epoch(model, optimizer, train_set, noise, config, epoch, device, workers, callback))
         save_checkpoint(checkpoint, {
             "arch": arch,
@@ -388,11 +404,13 @@ def train(
             "epoch": epoch + 1,
             "sigma": config.sigma,
             "noise": config.noise,
+            "method": config.method.record(),
             "dataset": dataset,
             "num_classes": num_classes,
-            "config": asdict(config),
+            "config": config.record(),
             "history": [asdict(h) for h in history],
             "optimizer": optimizer.state_dict(),
+            "init": init,
         })
     return TrainResult(model.eval(), history, str(checkpoint))
 
@@ -420,6 +438,7 @@ def _train_epoch(
     model.train()
     start = time.perf_counter()
     total_loss, seen, correct, predictions = 0.0, 0, 0, 0
+    totals: Dict[str, float] = {}
     first_lr = learning_rate(config, epoch, 0, steps)
     for step, (x, y) in enumerate(loader):
         lr = learning_rate(config, epoch, step, steps)
@@ -429,16 +448,18 @@ def _train_epoch(
         y = y.to(device, non_blocking=True).long()
         if config.augment:
             x = random_crop_flip(x, 4, generator)
-        loss, predicted = noisy_loss(model, x, y, noise, config.consistency, generator)
+        loss, terms, predicted = config.method.step_loss(model, x, y, noise, generator, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total_loss += float(loss.detach()) * len(y)
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * len(y)
         seen += len(y)
         correct += int((predicted == y).sum())
         predictions += predicted.numel()
         if callback is not None:
             callback(Progress(epoch + 1, config.epochs, step + 1, steps, total_loss / seen,
-                              correct / predictions, lr))
+                              correct / predictions, lr, {k: v / seen for k, v in totals.items()}))
     return EpochStats(epoch + 1, total_loss / seen, correct / predictions, first_lr,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, {k: v / seen for k, v in totals.items()})

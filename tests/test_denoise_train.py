@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ancer.denoise_train import DenoiseConfig, denoising_loss
 from ancer.denoisers import create_denoiser, load_denoiser
 from ancer.errors import ArgumentError
-from ancer.train import TrainConfig, noisy_loss
+from ancer.train import TrainConfig
+from ancer.training_methods import make_method
 from certify.cli import main as certify_main
 from cli_helpers import BrightestChannel
 
@@ -87,6 +88,12 @@ def test_sigma_zero_trains_on_clean_inputs():
     assert config.make_noise() is None
     model = BrightestChannel()
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
-    loss, predicted = noisy_loss(model, x, y, config.make_noise())
-    assert torch.allclose(loss, F.cross_entropy(model(x), y))
-    assert torch.equal(predicted[0], model(x).argmax(1))
+    step = config.method.step_loss(model, x, y, config.make_noise(), None, 0)
+    assert torch.allclose(step.loss, F.cross_entropy(model(x), y))
+    assert torch.equal(step.predicted[0], model(x).argmax(1))
+
+
+@pytest.mark.parametrize("method", ["consistency", "macer", "smoothadv"])
+def test_sigma_zero_is_refused_by_the_noise_methods(method):
+    with pytest.raises(ArgumentError, match="sigma > 0"):
+        TrainConfig(sigma=0.0, method=make_method(method, 0.25))

@@ -13,8 +13,8 @@ from ancer.augment import random_crop_flip
 from ancer.data import ArrayDataset
 from ancer.errors import ArgumentError, CheckpointError
 from ancer.models import registry
-from ancer.noise import Gaussian
-from ancer.train import TrainConfig, learning_rate, noisy_loss, preload, save_checkpoint, train
+from ancer.train import TrainConfig, learning_rate, preload, save_checkpoint, train
+from ancer.training_methods import Consistency
 from certify import train_cli
 from certify.cli import main as certify_main
 
@@ -117,26 +117,13 @@ def test_resume_refuses_another_sigma_or_a_foreign_file(tmp_path):
         train(TINY, _colors(), tmp_path / "cut.pth", _config(), resume=True)
 
 
-@pytest.mark.parametrize("options", [dict(noise="uniform"), dict(consistency=1.0),
+@pytest.mark.parametrize("options", [dict(noise="uniform"), dict(method=Consistency(lbd=1.0)),
                                      dict(schedule="cosine", augment=False)])
 def test_noise_and_regularization_options_run(tmp_path, options):
     result = train(TINY, _colors(), tmp_path / "m.pth.tar", _config(epochs=2, **options))
     assert all(math.isfinite(h.loss) for h in result.history)
     assert result.history[-1].loss < result.history[0].loss
     assert load_model(tmp_path / "m.pth.tar").sigma == 0.25
-
-
-def test_consistency_term_is_a_nonnegative_kl():
-    model = _TinyNet(3).eval()
-    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 3, (8,))
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    plain, _ = noisy_loss(model, x, y, Gaussian(0.25), 0.0, g())
-    regularized, predicted = noisy_loss(model, x, y, Gaussian(0.25), 10.0, g())
-    assert predicted.shape == (2, 8)
-    assert regularized >= plain - 1.0  # the copies' cross-entropies differ; the KL is >= 0
-    tiny_noise, _ = noisy_loss(model, x, y, Gaussian(1e-8), 10.0, g())
-    ce = nn.functional.cross_entropy(model(x), y)
-    torch.testing.assert_close(tiny_noise, ce, atol=1e-5, rtol=1e-5)  # equal copies: KL = 0
 
 
 def test_learning_rate_schedules():
@@ -151,7 +138,7 @@ def test_learning_rate_schedules():
 
 @pytest.mark.parametrize("bad", [dict(sigma=-0.1), dict(sigma=float("nan")), dict(noise="laplace"),
                                  dict(epochs=0), dict(batch_size=1.5), dict(schedule="linear"),
-                                 dict(momentum=1.5), dict(consistency=-1), dict(augment="yes")])
+                                 dict(momentum=1.5), dict(method="macer"), dict(augment="yes")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ArgumentError):
         _config(**bad)

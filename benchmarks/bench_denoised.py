@@ -62,7 +62,7 @@ from ancer.reference import reference_sample_counts  # noqa: E402
 from certify.cli import main as certify_main  # noqa: E402
 from certify.demo import ASSETS, CHECKPOINT, SAMPLE  # noqa: E402
 from certify.report import certified_accuracy, forward_passes  # noqa: E402
-from certify.results import read_results  # noqa: E402
+from ancer.results import read_results  # noqa: E402
 
 CLEAN = ASSETS / "cifar10_resnet20_clean.pth.tar"
 DENOISER = ASSETS / "cifar10_dncnn_small_sigma0.25.pth.tar"

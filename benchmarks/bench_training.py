@@ -80,7 +80,7 @@ from ancer.models.checkpoint import read_checkpoint  # noqa: E402
 from ancer.train import TrainConfig, preload, train  # noqa: E402
 from ancer.training_methods import make_method  # noqa: E402
 from certify.cli import main as certify_main  # noqa: E402
-from certify.results import read_results  # noqa: E402
+from ancer.results import read_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "certify" / "assets" / "cifar10_resnet20_sigma0.25.pth.tar"

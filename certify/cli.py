@@ -25,7 +25,8 @@ from ancer.models import DATASET_STATS, available_models
 from ancer.vocabulary import COMPILE_CHOICES, DEFAULT_RADII_IN_SIGMAS, METHODS, NORMS, PRECISIONS, THETA0
 from ancer.memory import Memory
 from ancer.runs import GROUP_SAMPLES
-from certify import demo, distributed, jobs, merge, report, results
+from ancer import merge, results
+from certify import demo, distributed, jobs, report
 from certify.arguments import Parser, _device, _int, _positive_float, _positive_int, _probability, _radii, _shard
 
 PROG = "certify"

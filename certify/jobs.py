@@ -4,10 +4,11 @@ TSV row per input.
 The protocol (groups, a shard's share, resume, the memory) is :func:`ancer.runs.
 certify_dataset`; this module writes each input's row as soon as its group is done (its
 scales first) and saves the memory after each group; a shard of a data-dependent method
-writes raw rows, which the merge answers (:mod:`certify.replay`). ``results.lock`` is held
+writes raw rows, which the merge answers (:mod:`ancer.merge`). ``results.lock`` is held
 while a run writes, so a second run on the same ``--out`` is refused. On resume the rows
 already written are skipped; a row written before a kill whose memory answer was not saved
-is checked to equal its recomputation. ``--max`` may grow between runs.
+is checked to equal its recomputation (the resume checks are :mod:`ancer.writer`'s).
+``--max`` may grow between runs.
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ancer.errors import ArgumentError, ResultsError
-from ancer.memory import Memory
-from ancer.runs import Certified, certify_dataset, memory_continues, shard_groups
+from ancer import merge
+from ancer.errors import ArgumentError
+from ancer.lock import RunLock
+from ancer.results import Row, add_sidecar_info, base_name, memory_path, shard_path
+from ancer.runs import Certified, certify_dataset, shard_groups
+from ancer.scales import ScalesWriter, open_scales
 from ancer.vocabulary import default_radii
-from certify import distributed, merge
-from certify.lock import RunLock
+from ancer.writer import (ResultsWriter, check_selection, file_order, open_results,
+                          recorded_group_size, resume_memory, unanswered_rows, write_certified)
+from certify import distributed
 from certify.prepare import Job, RunSpec, prepare
 from certify.progress import Progress
-from certify.replay import memory_path
-from certify.results import (Row, ResultsWriter, add_sidecar_info, base_name, done_indices,
-                             open_results, read_results, read_sidecar, shard_path)
-from certify.rows import check_recomputed, make_row
-from certify.scales import ScalesWriter, open_scales
 
 __all__ = ["Interrupted", "Job", "RunSpec", "certify_inputs", "prepare", "run"]
 
@@ -56,7 +56,7 @@ def run(spec: RunSpec, fields: dict[str, Any], notify: Any = print) -> Path:
         shard = (launch.rank, launch.world_size)
     out = Path(spec.out)
     if launch.distributed:
-        _check_merge_target(out)
+        merge.check_merge_target(out)
     job = prepare(spec, fields, launch)
     if launch.is_main:
         for note in job.notes:
@@ -66,23 +66,8 @@ def run(spec: RunSpec, fields: dict[str, Any], notify: Any = print) -> Path:
         certify_inputs(job, path, shard, position=launch.local_rank, notify=notify)
         distributed.barrier(launch)
         if launch.distributed and launch.is_main:
-            _merge_shards(out)
+            merge.merge_shards(out)
     return out if shard is None or launch.distributed else path
-
-
-def _check_merge_target(out: Path) -> None:
-    """Refuse to let a torchrun job's merge replace a file that is not an earlier merge."""
-    if out.exists():
-        sidecar = read_sidecar(out)
-        if sidecar is None or "merged_from" not in sidecar.info:
-            raise ResultsError(f"{out} exists and is not a merge of this job's shards: "
-                               "pass a new --out")
-
-
-def _merge_shards(out: Path) -> None:
-    """Rank 0: merge the shards into ``out``, replacing an earlier merge of them."""
-    out.unlink(missing_ok=True)
-    merge.merge_results(merge.find_shards(out), out)
 
 
 def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None,
@@ -91,16 +76,15 @@ def certify_inputs(job: Job, path: Path, shard: Optional[tuple[int, int]] = None
     (:func:`ancer.runs.certify_dataset`). Ctrl-C raises :class:`Interrupted` once the rows
     written so far are safe. Without ``--inputs-per-batch``, a run begun with another
     default group size goes on with it."""
-    recorded = read_sidecar(path) if path.is_file() and job.spec.inputs_per_batch is None else None
-    if recorded is not None and "inputs_per_batch" in recorded.settings:
-        job.settings["inputs_per_batch"] = recorded.settings["inputs_per_batch"]
+    if job.spec.inputs_per_batch is None:
+        job.settings["inputs_per_batch"] = recorded_group_size(path, job.group_size)
     positions = [p for group in shard_groups(len(job.dataset), job.group_size, shard) for p in group]
     if not positions:
         notify(f"shard {shard[0]}/{shard[1]} has nothing to do: the {len(job.dataset)} inputs "
                f"make only {math.ceil(len(job.dataset) / job.group_size)} groups of "
                f"{job.group_size}; use fewer shards or a smaller --inputs-per-batch")
     with RunLock(path):
-        _check_selection(job, path)
+        check_selection(path, job.dataset.indices)
         _certify_into(job, path, positions, shard, position, notify)
 
 
@@ -109,9 +93,10 @@ def _certify_into(job: Job, path: Path, positions: list, shard: Optional[tuple[i
     """:func:`certify_inputs` once the results file is locked and its selection checked."""
     with open_results(path, job.settings, job.info, growable=("max",)) as writer:
         written = [job.dataset.indices[p] for p in positions if job.dataset.indices[p] in writer.done]
-        memory, memory_file = _open_memory(job, path, written, shard)
-        unanswered = _unanswered_rows(path, writer, memory)
-        scales = (open_scales(path, job.dataset[0][0].shape, _file_order(path, writer))
+        memory = (resume_memory(job.certifier, path, written)
+                  if job.config.uses_memory and shard is None else None)
+        unanswered = unanswered_rows(writer, memory)
+        scales = (open_scales(path, job.dataset[0][0].shape, file_order(writer))
                   if job.config.anisotropic else None)
         progress = Progress(len(positions), len(writer.done), job.config.n0 + job.config.n,
                             _description(path, shard), job.spec.quiet, position,
@@ -122,7 +107,7 @@ def _certify_into(job: Job, path: Path, positions: list, shard: Optional[tuple[i
                                          progress=progress.advance):
                 _write_group(job, group, writer, scales, progress, unanswered)
                 if memory is not None:
-                    memory.save(memory_file)
+                    memory.save(memory_path(path))
         except KeyboardInterrupt:
             raise Interrupted(path, len(writer.done)) from None
         finally:
@@ -149,67 +134,17 @@ def _shorter_hint(job: Job) -> str:
     return "to shorten it: " + "; ".join(ideas) if ideas else ""
 
 
-def _check_selection(job: Job, path: Path) -> None:
-    """Rows on disk must lie in this run's selection (a smaller --max would drop them)."""
-    if not path.is_file() or read_sidecar(path) is None:
-        return
-    selected = set(int(i) for i in job.dataset.indices)
-    outside = sorted(done_indices(path) - selected)
-    if outside:
-        raise ResultsError(f"{path} holds rows beyond this selection (idx {outside[0]}, "
-                           f"{len(outside)} rows in all): --max may grow between runs, not "
-                           "shrink; pass the earlier --max or a larger one, or a new --out")
-
-
 def _description(path: Path, shard: Optional[tuple[int, int]]) -> str:
     return base_name(path).name if shard is None else f"shard {shard[0]}/{shard[1]}"
-
-
-def _file_order(path: Path, writer: ResultsWriter) -> list[int]:
-    """The idx of the rows in ``path``, in file order."""
-    return [int(i) for i in read_results(path).columns["idx"]] if writer.done else []
-
-
-def _open_memory(job: Job, path: Path, written: Sequence[int],
-                 shard: Optional[tuple[int, int]]) -> tuple[Optional[Memory], Path]:
-    """The run's memory (loaded on resume), continued by the engine, or None for a method
-    that needs none and for a shard (its rows stay raw until the merge replays the memory)."""
-    where = memory_path(path)
-    if not job.config.uses_memory or shard is not None:
-        return None, where
-    memory = Memory.load(where) if where.exists() else job.certifier.memory
-    if not memory_continues(memory, job.config.norm, written):
-        raise ResultsError(f"{where} does not match {path} (another run's memory?): move it "
-                           "away and pass a new --out, or restore the matching files")
-    job.certifier.use_memory(memory)
-    return memory, where
-
-
-def _unanswered_rows(path: Path, writer: ResultsWriter, memory: Optional[Memory]) -> dict[int, Row]:
-    """The rows in ``path`` that a kill left without their answers in the saved memory (the
-    start of the group it cut), by idx; none without a memory."""
-    if memory is None or not writer.done:
-        return {}
-    processed = set(memory.processed)
-    table = read_results(path)
-    return {int(idx): table.row(i) for i, idx in enumerate(table.columns["idx"])
-            if int(idx) not in processed}
 
 
 def _write_group(job: Job, group: Sequence[Certified], writer: ResultsWriter,
                  scales: Optional[ScalesWriter], progress: Progress,
                  unanswered: dict[int, Row]) -> None:
-    """Write the rows of a group's certificates, in order; an input certified again with
-    its group is checked against its row when the memory did not save its answer
-    (:func:`certify.rows.check_recomputed`)."""
+    """Write the rows of a group's certificates, in order (:func:`ancer.writer.
+    write_certified`), and count them in the progress."""
     for item in group:
-        row = make_row(item.idx, item.label, item.certificate, job.config.method, item.seconds,
-                       job.config.uses_memory)
-        if item.again:
-            if item.idx in unanswered:
-                check_recomputed(writer.path, unanswered[item.idx], row)
-            continue
-        if item.certificate.anisotropic:
-            scales.append(item.idx, item.certificate.noise.sigma.numpy())
-        writer.write(row)
-        progress.update(row)
+        row = write_certified(writer, scales, item, job.config.method, job.config.uses_memory,
+                              unanswered)
+        if row is not None:
+            progress.update(row)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from certify.results import ABSTAIN, Row
+from ancer.results import ABSTAIN, Row
 
 #: an estimated run time (seconds) from which the progress says what would shorten it
 LONG_RUN_SECONDS = 600.0

@@ -30,7 +30,7 @@ import numpy as np
 
 from ancer.errors import AncerError, ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
-from certify.results import ResultsTable, base_name, read_sidecar
+from ancer.results import ResultsTable, base_name, read_sidecar
 
 if TYPE_CHECKING:  # matplotlib is optional: imported only to plot
     from matplotlib.axes import Axes

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from certify.cli import main
-from certify.results import read_results
+from ancer.results import read_results
 
 N_INPUTS = 24
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from certify import demo
-from certify.results import read_results, read_sidecar
+from ancer.results import read_results, read_sidecar
 from cli_helpers import certify, make_files, rows_without_time
 
 REPO = Path(__file__).resolve().parents[1]

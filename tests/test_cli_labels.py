@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from certify import demo
-from certify.results import read_results
+from ancer.results import read_results
 from cli_helpers import certify
 
 Image = pytest.importorskip("PIL.Image")

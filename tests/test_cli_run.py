@@ -25,8 +25,7 @@ from ancer.optimize import certify_with_scales, optimize_anisotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Smoothed
 from certify import demo
-from certify.results import read_results, sidecar_path
-from certify.scales import scales_path
+from ancer.results import read_results, scales_path, sidecar_path
 from cli_helpers import N_INPUTS, certify, make_files, rows_without_time
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from scipy.stats import binom
 
 from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, load_model
 from ancer.memory import KEPT, Memory
-from certify.results import read_results
+from ancer.results import read_results
 from linear_models import Linear, inputs_at_margins
 from cli_helpers import certify, dataset_tensors, make_files
 

@@ -7,9 +7,9 @@ import pytest
 
 from ancer.errors import ArgumentError, ResultsError
 from certify.cli import main
-from certify.merge import find_shards, merge_results
-from certify.results import (COLUMNS, open_results, read_results, read_sidecar, shard_path,
-                             sidecar_path)
+from ancer.merge import find_shards, merge_results
+from ancer.results import COLUMNS, read_results, read_sidecar, shard_path, sidecar_path
+from ancer.writer import open_results
 from test_results import SETTINGS, make_row
 
 

@@ -15,7 +15,7 @@ from ancer.errors import ArgumentError, ResultsError
 from certify.cli import main
 from certify.report import (certified_accuracy, format_report, parse_radii, plot_curves,
                             run_names, setting_warnings, summarize)
-from certify.results import COLUMNS, read_results
+from ancer.results import COLUMNS, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

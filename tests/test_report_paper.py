@@ -11,7 +11,7 @@ import re
 import pytest
 
 from certify.report import per_class, tex_escape
-from certify.results import COLUMNS, read_results
+from ancer.results import COLUMNS, read_results
 from test_report import HAND_ACR, run_cli, write_cohen_tsv, write_hand_tsv
 
 #: LaTeX's specials, each of which must appear escaped in a cell's text

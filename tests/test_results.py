@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ancer.errors import ArgumentError, ResultsError
-from certify.results import (COHEN_COLUMNS, COLUMNS, Row, Sidecar, check_compatible,
-                             done_indices, open_results, parse_time, read_results, read_sidecar,
-                             shard_path, sidecar_path, write_sidecar)
+from ancer.results import (COHEN_COLUMNS, COLUMNS, Row, Sidecar, check_compatible, done_indices,
+                           parse_time, read_results, read_sidecar, shard_path, sidecar_path,
+                           write_sidecar)
+from ancer.writer import open_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"model_sha256": "ab12", "dataset": "cifar10", "norm": "l2", "method": "isotropic",
@@ -235,7 +237,7 @@ def test_kill_9_loses_no_finished_row(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_results import SETTINGS, make_row
-        from certify.results import open_results
+        from ancer.writer import open_results
         with open_results({str(out)!r}, SETTINGS) as writer:
             i = 0
             while True:
@@ -259,3 +261,20 @@ def test_kill_9_loses_no_finished_row(tmp_path):
         writer.write(make_row(10_000))
     assert read_results(out).partial_line is None
     assert math.isclose(read_results(out).columns["radius"][-1], 0.5)
+
+
+def test_a_certificate_s_row_reports_its_own_certify_and_the_memory_s_answer():
+    from ancer.noise import Gaussian
+    from ancer.results import make_row as row_of
+    from ancer.smoothing import Certificate
+
+    noise = Gaussian(0.5)
+    counts, selection = np.array([5, 90, 3, 2]), np.array([0, 9, 1, 0])
+    certificate = Certificate(1, 0.8, noise.region(torch.zeros(3), 0.8), "l2", counts, selection,
+                              n0=10, n=100, alpha=0.001, precision="fp32", noise=noise,
+                              samples=110)
+    row = row_of(7, 2, certificate, "isotropic", 0.5, uses_memory=False)
+    assert (row.predict, row.correct, row.count_a, row.count_label) == (1, 0, 90, 3)
+    assert row.counts_top2 == ((1, 90), (0, 5)) and row.memory == "-" and row.samples == 110
+    assert row.radius == pytest.approx(0.5 * 0.8416212335729143) and math.isnan(row.half_width)
+    assert row_of(7, 2, certificate, "dds", 0.5, uses_memory=True).memory == "raw"

@@ -13,7 +13,7 @@ from torch import nn
 from certify import demo
 from ancer.runs import GROUP_SAMPLES, group_size
 from certify.progress import Progress
-from certify.results import Row, read_results, sidecar_path
+from ancer.results import Row, read_results, sidecar_path
 from ancer import CertifyConfig
 from cli_helpers import certify, make_files
 

@@ -13,7 +13,7 @@ from scipy.stats import binom, norm
 
 from ancer import ABSTAIN, Certifier, CertifyConfig, Gaussian, Smoothed, Uniform, load_model
 from ancer.seeding import input_generator
-from certify.results import read_results, read_sidecar
+from ancer.results import read_results, read_sidecar
 from linear_models import Linear, inputs_at_margins
 from cli_helpers import certify, dataset_tensors, make_files, rows_without_time
 

@@ -1,5 +1,5 @@
 """Sharded data-dependent runs (``--method dds|ancer`` with ``--shard`` or torchrun): raw
-shard rows, and the memory replayed at the merge (certify/replay.py, certify/merge.py) on the
+shard rows, and the memory replayed at the merge (ancer/merge.py) on the
 energy model of cli_helpers.py.
 The model makes memory conflicts on purpose (class 1 iff the image is far from mid-grey, a
 class that flips as σ grows), and its inputs are close neighbours: the memory shrinks and
@@ -20,10 +20,8 @@ import pytest
 import torch
 
 from ancer.memory import Memory
-from certify.replay import memory_path
 from certify.report import memory_counts
-from certify.results import COLUMNS, Row, read_results, read_sidecar
-from certify.scales import scales_path
+from ancer.results import COLUMNS, Row, memory_path, read_results, read_sidecar, scales_path
 from cli_helpers import certify, make_energy_files, rows_without_time
 
 REPO = Path(__file__).resolve().parents[1]

@@ -230,7 +230,7 @@ def test_probability_for_radius_may_be_unreachable():
 
 # -- layering --------------------------------------------------------------------------------
 def test_one_abstain_label_and_memory_does_not_import_smoothing():
-    from certify import results
+    from ancer import results
 
     assert ancer.ABSTAIN is LABELS_ABSTAIN is results.ABSTAIN == -1
     source = Path(ancer.memory.__file__).read_text()

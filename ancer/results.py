@@ -1,11 +1,13 @@
-"""The results file: one TSV row per certified input, and its JSON settings sidecar.
+"""The results file: one TSV row per certified input, the files kept beside it, and its JSON
+settings sidecar.
 
-This module is the one place that defines the schema and reads or writes it; every column is
-explained in docs/results.md. The first six columns are Cohen et al.'s (2019,
-locuslab/smoothing ``code/certify.py``), so their analysis scripts read our files, and files
-of theirs are read as they are (radii rounded to 3 digits, time as ``H:MM:SS.ffffff``); ours
-follow (``COLUMNS``), the last ones optional (``OPTIONAL_COLUMNS``: files of earlier versions
-lack them). ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own
+This module is the one place that defines the schema, a certificate's row (:func:`make_row`)
+and the names of the files beside a results file, and reads them (the writer is
+:mod:`ancer.writer`); every column is explained in docs/results.md. The first six columns
+are Cohen et al.'s (2019, locuslab/smoothing ``code/certify.py``), so their analysis scripts
+read our files, and files of theirs are read as they are (radii rounded to 3 digits, time as
+``H:MM:SS.ffffff``); ours follow (``COLUMNS``), the last ones optional
+(``OPTIONAL_COLUMNS``: files of earlier versions lack them). ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own
 CERTIFY, before the memory; the region columns describe the answered region.
 
 Floats are written with ``repr(float)`` (full precision, never rounded up). Every row is
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ import numpy as np
 from ancer.atomic import write_atomically
 from ancer.errors import ArgumentError, ResultsError
 from ancer.labels import ABSTAIN
+from ancer.smoothing import Certificate
 from ancer.vocabulary import CLOPPER_PEARSON, is_anisotropic
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -129,6 +133,44 @@ class Row:
             else:
                 fields.append(repr(float(value)))
         return "\t".join(fields) + "\n"
+
+
+def memory_text(certificate: Certificate, uses_memory: bool) -> str:
+    """The memory column: ``-`` for a method without a memory, ``raw`` for a shard's own
+    certificate, else the memory's answer (kept, shrunk:<factor>, override:<idx>, abstain)."""
+    if not uses_memory:
+        return NO_MEMORY
+    return RAW if certificate.memory is None else certificate.memory.summary
+
+
+def make_row(idx: int, label: int, certificate: Certificate, method: str, elapsed: float,
+             uses_memory: bool) -> Row:
+    """The TSV row of one input's certificate (the memory's answer, the input's own
+    certificate in a shard of a ``uses_memory`` method, ``raw``).
+
+    ``p_lower``, ``count_a``, ``counts_top2`` and ``n`` describe the input's own CERTIFY
+    (before any memory): ``count_a`` is the estimation votes of the class selected from the
+    n0 draws, the count ``p_lower`` bounds; ``count_label`` the votes for the true label (the
+    base classifier's accuracy under noise); ``sigma`` the isotropic σ (dds: the input's;
+    ancer: the σ its scales started from); ``samples`` the forward passes spent."""
+    counts = certificate.counts
+    top_two = np.argsort(-counts, kind="stable")[:2]
+    noise = certificate.noise
+    sigma = certificate.start_sigma if certificate.start_sigma is not None else float(noise.sigma)
+    half_width = noise.half_width_of(sigma)
+    return Row(
+        idx=int(idx), label=int(label), predict=int(certificate.label),
+        radius=float(certificate.radius),
+        time=float(elapsed), norm=certificate.norm, method=method, sigma=float(sigma),
+        half_width=math.nan if half_width is None else float(half_width),
+        p_lower=float(certificate.p_lower), proxy_radius=float(certificate.proxy_radius),
+        volume_radius=float(certificate.volume_radius), log_volume=float(certificate.log_volume),
+        n0=certificate.n0, n=certificate.n, alpha=certificate.alpha,
+        count_a=int(counts[certificate.selected]),
+        counts_top2=tuple((int(c), int(counts[c])) for c in top_two),
+        precision=certificate.precision, memory=memory_text(certificate, uses_memory), count_label=int(counts[label]),
+        samples=int(certificate.samples), bound=certificate.bound,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,6 +319,21 @@ def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
     return beside(path, f".shard{index}of{count}.tsv")
 
 
+def memory_path(path: str | os.PathLike) -> Path:
+    """The memory file of a results file: ``results.tsv`` -> ``results.memory.pt``."""
+    return beside(path, ".memory.pt")
+
+
+def scales_path(path: str | os.PathLike) -> Path:
+    """The scales file of a results file: ``results.tsv`` -> ``results.scales.npy``."""
+    return beside(path, ".scales.npy")
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a results file: ``results.tsv`` -> ``results.lock``."""
+    return beside(path, ".lock")
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """``path`` as a results file to write: ResultsError in one line when it names a folder."""
     path = Path(path)
@@ -349,84 +406,3 @@ def check_compatible(settings_on_disk: Mapping[str, Any], settings_now: Mapping[
                            for name, disk, now in differences)
         raise ResultsError(f"{where} written with other settings ({listed}): pass a new --out "
                            "to start another run, or the same flags to resume this one")
-
-
-class ResultsWriter:
-    """Appends rows to a results file, one ``write`` call per row, flushed and fsynced.
-
-    Make one with :func:`open_results`. ``done`` holds the indices already in the file;
-    ``dropped_line`` the partial last line truncated on opening, if any.
-    """
-
-    def __init__(self, path: Path, done: set[int], dropped_line: str | None) -> None:
-        self.path = path
-        self.done = done
-        self.dropped_line = dropped_line
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
-
-    def write(self, row: Row) -> None:
-        """Append ``row`` durably: a kill after this returns cannot lose it."""
-        if self._fd is None:
-            raise ResultsError(f"{self.path}: writer is closed")
-        if row.idx in self.done:
-            raise ResultsError(f"{self.path} already holds idx {row.idx}: each input is "
-                               "written once; skip the indices in .done")
-        data = row.to_line().encode("utf-8")
-        written = os.write(self._fd, data)
-        while written < len(data):  # a short write happens only on a full disk or a signal
-            written += os.write(self._fd, data[written:])
-        self.done.add(row.idx)  # the whole line is in the file: a Ctrl-C in fsync keeps it
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> ResultsWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def open_results(path: str | os.PathLike, settings: Mapping[str, Any],
-                 info: Mapping[str, Any] | None = None,
-                 growable: tuple[str, ...] = ()) -> ResultsWriter:
-    """Open ``path`` to write a run's rows, starting it or resuming it.
-
-    A new file (or one killed before its header was complete) gets its folder, the sidecar
-    and the header. An existing one must have a sidecar whose settings equal ``settings``
-    (else ResultsError naming the differences) and our columns; a partial last line left
-    by a kill is truncated, and the writer's ``done`` holds the indices to skip. Settings
-    named in ``growable`` (the selection's ``max``) may differ: the sidecar then records the
-    new value, and the caller checks that the rows on disk still belong to the run.
-    """
-    path = check_writable(path)
-    size = path.stat().st_size if path.exists() else 0
-    complete = path.read_bytes().rfind(b"\n") + 1 if size else 0  # bytes up to the last newline
-    if not complete:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ResultsError(f"cannot create the folder of {path} ({error.strerror}): "
-                               "pass an --out in a folder you can write") from None
-        write_sidecar(path, Sidecar(dict(settings), dict(info or {})))
-        write_atomically(path, "\t".join(COLUMNS) + "\n")
-        return ResultsWriter(path, set(), None)
-    sidecar = read_sidecar(path)
-    if sidecar is None:
-        raise ResultsError(f"{path} exists but has no settings file {sidecar_path(path).name} "
-                           "(not written by certify, or its sidecar was deleted): pass a new --out")
-    fixed = {key: value for key, value in sidecar.settings.items() if key not in growable}
-    check_compatible(fixed, {k: v for k, v in settings.items() if k not in growable}, path)
-    if any(sidecar.settings.get(key) != settings.get(key) for key in growable):
-        write_sidecar(path, Sidecar(dict(settings), sidecar.info))
-    table = read_results(path)
-    if table.header != COLUMNS:
-        raise ResultsError(f"{path} has other columns than this version of certify writes: "
-                           "pass a new --out")
-    if complete < size:
-        os.truncate(path, complete)
-    return ResultsWriter(path, {int(i) for i in table.columns["idx"]}, table.partial_line)
-

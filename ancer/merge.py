@@ -3,28 +3,40 @@
 
 Rows of one idx found in several files must agree on every column except ``time``; such
 duplicates collapse to the first. The files' headers and sidecar settings must agree. Raw
-rows of a data-dependent run are answered by the memory (:mod:`certify.replay`), whose file
-and (ancer) the scales file in idx order are written beside the merged file, each atomically
+rows of a data-dependent run are answered by the memory (:func:`replay`), whose file and
+(ancer) the scales file in idx order are written beside the merged file, each atomically
 and before the results file, which so appears only once they are complete.
+
+A certificate with input-dependent scales is sound only as the memory answers it, in one
+pass over all inputs in order, which no shard sees: shards write their inputs' own
+certificates (memory column ``raw``) and the merge makes the pass with
+:func:`ancer.runs.answer_raw`, in idx order. A raw row holds what it needs bit for bit: the
+class, ``p_lower`` at full precision, the per-input σ (dds, a float32 written with ``repr``)
+or θ in the scales file (ancer); the input is re-read from the dataset. So the merged rows
+equal a single-process run's (all columns but ``time``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ancer.atomic import write_atomically
-from ancer.errors import ArgumentError, ResultsError
+from ancer.data import ImageDataset, load_dataset
+from ancer.errors import ArgumentError, DatasetError, ResultsError
+from ancer.memory import Memory, MemoryOutcome
+from ancer.results import (RAW, ResultsTable, Row, Sidecar, base_name, check_writable,
+                           memory_path, read_results, read_sidecar, settings_differences,
+                           shard_path, write_sidecar)
+from ancer.runs import RawCertificate, answer_raw
+from ancer.scales import read_scales, write_scales
 from ancer.vocabulary import is_anisotropic, uses_memory
-from certify.replay import holds_raw_rows, memory_path, replay
-from certify.results import (ResultsTable, Sidecar, base_name, check_writable, read_results,
-                             read_sidecar, settings_differences, shard_path, write_sidecar)
-from certify.scales import read_scales, write_scales
 
 
 def find_shards(out: str | os.PathLike) -> list[Path]:
@@ -54,6 +66,22 @@ def find_shards(out: str | os.PathLike) -> list[Path]:
         raise ResultsError(f"shard {i} of {count} is missing ({shard_path(out, i, count)}): "
                            f"finish it (rerun with --shard {i}/{count}) or list the files to merge")
     return [shard_path(out, i, count) for i in range(count)]
+
+
+def check_merge_target(out: Path) -> None:
+    """Refuse to let a torchrun job's merge replace a file that is not an earlier merge."""
+    if out.exists():
+        sidecar = read_sidecar(out)
+        if sidecar is None or "merged_from" not in sidecar.info:
+            raise ResultsError(f"{out} exists and is not a merge of this job's shards: "
+                               "pass a new --out")
+
+
+def merge_shards(out: Path) -> MergeResult:
+    """Merge the shards of ``out`` into it, replacing an earlier merge of them (a torchrun
+    job's rank 0, once every rank is done)."""
+    out.unlink(missing_ok=True)
+    return merge_results(find_shards(out), out)
 
 
 @dataclass(frozen=True)
@@ -119,7 +147,7 @@ def merge_results(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
 def _replay_into(out: Path, inputs: Sequence[Path], ordered: Sequence[tuple[ResultsTable, int]],
                  sidecar: Optional[Sidecar], data: Optional[str | os.PathLike]
                  ) -> tuple[list[str], dict[str, int]]:
-    """Answer the raw rows through the memory (:func:`certify.replay.replay`), save the memory
+    """Answer the raw rows through the memory (:func:`replay`), save the memory
     and the scales beside ``out``; the answered rows' lines and the memory's report."""
     method = None if sidecar is None else sidecar.settings.get("method")
     if not isinstance(method, str) or not uses_memory(method):
@@ -183,3 +211,80 @@ def _check_duplicate(idx: int, first: tuple[ResultsTable, int],
             f"idx {idx} differs between {table_a.path} (line {row_a + 2}) and "
             f"{table_b.path} (line {row_b + 2}): {', '.join(differing)}; "
             "these rows come from different runs: merge only shards of one run")
+
+
+def answered(row: Row, outcome: MemoryOutcome) -> Row:
+    """``row`` (the input's own certificate) with the memory's answer in place of its class
+    and region; the rest (p_lower, counts, scales) still describes the input's certificate."""
+    return replace(
+        row, predict=int(outcome.label), radius=float(outcome.radius),
+        proxy_radius=float(outcome.proxy_radius), volume_radius=float(outcome.volume_radius),
+        log_volume=float(outcome.log_volume), memory=outcome.summary)
+
+
+def holds_raw_rows(tables: Sequence[ResultsTable]) -> bool:
+    """Whether ``tables`` (the files of one merge) hold raw shard rows, which the merge must
+    answer through the memory; ResultsError if only some rows are raw (answered rows cannot
+    be replayed: their own certificates are gone)."""
+    raw = {table.path: np.asarray(table.columns.get("memory", ()), dtype=object) == RAW
+           for table in tables}
+    if all(flags.all() for flags in raw.values()):
+        return any(flags.size for flags in raw.values())
+    if not any(flags.any() for flags in raw.values()):
+        return False
+    answered_in = next(path for path, flags in raw.items() if not flags.all())
+    raw_in = next(path for path, flags in raw.items() if flags.any())
+    raise ResultsError(f"{raw_in} holds raw shard rows but {answered_in} holds rows already "
+                       "answered by the memory: merge only the shards of one run")
+
+
+def load_inputs(settings: Mapping[str, object], data: Optional[str | os.PathLike] = None
+                ) -> ImageDataset:
+    """The run's inputs, as its settings select them (dataset kind, path, skip, max, and the
+    reader's options: npz's number of classes, ImageNet's synset list); ``data`` replaces a
+    dataset path that moved."""
+    where = Path(data if data is not None else str(settings["data"]))
+    if not where.exists():
+        raise DatasetError(f"replaying the memory needs the run's inputs, but {where} is gone: "
+                           "restore the data there, or give its new place with "
+                           "'certify merge --data PATH'")
+    options = {key: settings[key] for key in ("num_classes", "synsets", "classes", "labels_sorted")
+               if key in settings}
+    return load_dataset(str(settings["dataset"]), where, skip=int(settings["skip"]),
+                        max=settings["max"], **options)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The outcome of a replay: the answered rows (idx order), the memory after the pass,
+    and the scales records in idx order (ancer; None for dds)."""
+
+    rows: list[Row]
+    memory: Memory
+    scales: Optional[np.ndarray]
+
+
+def replay(rows: Sequence[Row], settings: Mapping[str, object],
+           scales: Optional[Mapping[int, np.void]], data: Optional[str | os.PathLike] = None
+           ) -> Replayed:
+    """Answer the raw ``rows`` of a run with ``settings`` through the memory's pass over all
+    its inputs in idx order (:func:`ancer.runs.answer_raw`). ``scales`` maps idx to its
+    scales record (ancer) or is None (dds)."""
+    ordered = sorted(rows, key=lambda row: row.idx)
+    raw = [RawCertificate(row.idx, row.label, row.predict, row.p_lower, row.radius,
+                          row.sigma if scales is None else _scale_of(scales, row.idx))
+           for row in ordered]
+    memory, outcomes = answer_raw(
+        load_inputs(settings, data), str(settings["norm"]), float(settings["sigma"]), raw,
+        f" (skip {settings['skip']}, max {settings['max']}) of {settings['data']}")
+    records = None if scales is None else np.array([scales[r.idx] for r in ordered])
+    return Replayed([answered(row, outcome) for row, outcome in zip(ordered, outcomes)],
+                    memory, records)
+
+
+def _scale_of(scales: Mapping[int, np.void], idx: int) -> torch.Tensor:
+    """The scales θ of input ``idx`` from its record, as the raw certificate needs them."""
+    if idx not in scales:
+        raise ResultsError(f"idx {idx} has no scales in the shards' scales files: restore the "
+                           "shard's .scales.npy, or certify that shard again")
+    return torch.from_numpy(np.array(scales[idx]["sigma"]))

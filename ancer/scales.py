@@ -18,14 +18,9 @@ from typing import Sequence
 import numpy as np
 import numpy.lib.format as npy
 
-from ancer.errors import ResultsError
 from ancer.atomic import write_atomically
-from certify.results import beside
-
-
-def scales_path(path: str | os.PathLike) -> Path:
-    """The scales file of a results file: ``results.tsv`` -> ``results.scales.npy``."""
-    return beside(path, ".scales.npy")
+from ancer.errors import ResultsError
+from ancer.results import scales_path
 
 
 def record_dtype(shape: Sequence[int]) -> np.dtype:

@@ -15,17 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 from ancer.errors import ResultsError
-from certify.results import beside
+from ancer.results import lock_path
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
-
-
-def lock_path(path: str | os.PathLike) -> Path:
-    """The lock file of a results file: ``results.tsv`` -> ``results.lock``."""
-    return beside(path, ".lock")
 
 
 class RunLock:

@@ -8,6 +8,8 @@ import math
 import re
 from typing import Callable, NoReturn
 
+import torch
+
 from ancer.errors import ArgumentError
 
 
@@ -65,3 +67,35 @@ def _radii(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: give radii as numbers separated by commas, "
                                          "e.g. 0.25,0.5,0.75") from None
     return radii
+
+
+def add_training_set_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run's data and checkpoint, shared by ``certify train`` and
+    ``certify train-denoiser``: --dataset, --data, --split, --preload, --out, --resume."""
+    p.add_argument("--dataset", required=True, choices=("cifar10", "imagenet", "folder", "npz"),
+                   help="reader of ancer.data (folder: <class>/<image> folders; required)")
+    p.add_argument("--data", required=True, metavar="ROOT",
+                   help="the dataset's folder (npz: file; required)")
+    p.add_argument("--split", default="train",
+                   help="split for cifar10/imagenet (default %(default)s)")
+    p.add_argument("--preload", action="store_true",
+                   help="decode every image once into memory before training, for small "
+                        "datasets (default off)")
+    p.add_argument("--out", dest="checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint file, written after every epoch (required)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out if it exists (default off: an existing --out is "
+                        "an error)")
+
+
+def add_training_execution_flags(p: argparse.ArgumentParser) -> None:
+    """The execution flags of a training run: --device, --workers, --threads, --quiet."""
+    run_ = p.add_argument_group("execution")
+    run_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="cpu, cuda or cuda:N (default %(default)s here: cuda wherever CUDA "
+                           "is available)")
+    run_.add_argument("--workers", type=int, default=0,
+                      help="data loader processes (default %(default)s: load in this process)")
+    run_.add_argument("--threads", type=_positive_int, default=None,
+                      help="CPU threads of torch (default: torch's own choice)")
+    run_.add_argument("--quiet", action="store_true", help="no progress bar (default off)")

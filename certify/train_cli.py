@@ -29,7 +29,8 @@ from ancer.models import available_models
 from ancer.noise import FAMILIES
 from ancer.train import SCHEDULES, Progress, TrainConfig, preload, train
 from ancer.training_methods import CONSISTENCY_LAMBDA, METHODS, GaussianAugmentation, make_method
-from certify.arguments import Parser, _positive_int
+from certify.arguments import Parser, add_training_execution_flags, add_training_set_flags
+from certify.epochs import epoch_bar
 
 PROG = "certify train"
 
@@ -80,22 +81,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", required=True, choices=available_models(),
                    help="architecture (required)")
-    p.add_argument("--dataset", required=True, choices=("cifar10", "imagenet", "folder", "npz"),
-                   help="reader of ancer.data (folder: <class>/<image> folders; required)")
-    p.add_argument("--data", required=True, metavar="ROOT",
-                   help="the dataset's folder (npz: file; required)")
-    p.add_argument("--split", default="train",
-                   help="split for cifar10/imagenet (default %(default)s)")
+    add_training_set_flags(p)
     p.add_argument("--norm-stats", default=None, choices=("cifar10", "imagenet", "imagenet32"),
                    help="normalization statistics (default: the architecture's)")
-    p.add_argument("--preload", action="store_true",
-                   help="decode every image once into memory before training, for small "
-                        "datasets (default off)")
-    p.add_argument("--out", dest="checkpoint", required=True, metavar="CKPT",
-                   help="checkpoint file (required)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out if it exists (default off: an existing --out is "
-                        "an error)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from this checkpoint's weights (same --arch and class count), "
                         "with a fresh optimizer: fine-tuning (default: a fresh initialization)")
@@ -143,15 +131,7 @@ def parser() -> argparse.ArgumentParser:
                      help="seed of the initialization, data order and noise "
                           "(default %(default)s)")
 
-    run_ = p.add_argument_group("execution")
-    run_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                      help="cpu, cuda or cuda:N (default %(default)s here: cuda wherever CUDA "
-                           "is available)")
-    run_.add_argument("--workers", type=int, default=0,
-                      help="data loader processes (default %(default)s: load in this process)")
-    run_.add_argument("--threads", type=_positive_int, default=None,
-                      help="CPU threads of torch (default: torch's own choice)")
-    run_.add_argument("--quiet", action="store_true", help="no progress bar (default off)")
+    add_training_execution_flags(p)
     return p
 
 
@@ -167,30 +147,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def progress_bar(quiet: bool = False) -> Optional[Callable[[Progress], None]]:
-    """A callback for :func:`ancer.train.train` drawing one tqdm bar per epoch (on
-    stderr) and printing a line per finished epoch (on stdout); None when ``quiet``."""
-    if quiet:
-        return None
-    from tqdm import tqdm
+    """A callback for :func:`ancer.train.train`: a tqdm bar per epoch (on stderr) with the
+    loss, each of its terms, the accuracy under noise and the learning rate, and a line per
+    finished epoch (on stdout); None when ``quiet``."""
+    def terms(p: Progress) -> dict:
+        return p.terms if len(p.terms) > 1 else {}  # a single term is the loss itself
 
-    bar = None
+    def postfix(p: Progress) -> dict:
+        return {"loss": f"{p.loss:.4f}", **{k: f"{v:.4f}" for k, v in terms(p).items()},
+                "acc": f"{p.accuracy:.4f}", "lr": f"{p.lr:.4g}"}
 
-    def update(p: Progress) -> None:
-        nonlocal bar
-        if p.step == 1:
-            bar = tqdm(total=p.steps, desc=f"epoch {p.epoch}/{p.epochs}", file=sys.stderr,
-                       dynamic_ncols=True, mininterval=5.0)
-        bar.update(1)
-        terms = p.terms if len(p.terms) > 1 else {}  # a single term is the loss itself
-        bar.set_postfix(loss=f"{p.loss:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
-                        acc=f"{p.accuracy:.4f}", lr=f"{p.lr:.4g}", refresh=False)
-        if p.step == p.steps:
-            bar.close()
-            said = "".join(f", {k} {v:.4f}" for k, v in terms.items())
-            print(f"epoch {p.epoch}/{p.epochs}: loss {p.loss:.4f}{said}, accuracy under noise "
-                  f"{p.accuracy:.4f}", flush=True)
+    def summary(p: Progress) -> str:
+        said = "".join(f", {k} {v:.4f}" for k, v in terms(p).items())
+        return f"loss {p.loss:.4f}{said}, accuracy under noise {p.accuracy:.4f}"
 
-    return update
+    return epoch_bar(quiet, postfix, summary)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ field of an error by its flag.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 from typing import Callable, Optional
 
@@ -24,7 +23,9 @@ from ancer.denoisers.archs import DENOISER_ARCHITECTURES
 from ancer.errors import ArgumentError
 from ancer.models import load_model
 from ancer.train import preload
-from certify.arguments import Parser, _positive_float, _positive_int
+from certify.arguments import (Parser, _positive_float, _positive_int, add_training_execution_flags,
+                                add_training_set_flags)
+from certify.epochs import epoch_bar
 
 PROG = "certify train-denoiser"
 
@@ -41,20 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=list(DENOISER_ARCHITECTURES),
                    help="denoiser architecture; cifar_dncnn_small is ancer's small DnCNN "
                         "(required)")
-    p.add_argument("--dataset", required=True, choices=("cifar10", "imagenet", "folder", "npz"),
-                   help="reader of ancer.data (folder: <class>/<image> folders; required)")
-    p.add_argument("--data", required=True, metavar="ROOT",
-                   help="the dataset's folder (npz: file; required)")
-    p.add_argument("--split", default="train",
-                   help="split for cifar10/imagenet (default %(default)s)")
-    p.add_argument("--preload", action="store_true",
-                   help="decode every image once into memory first, for small datasets "
-                        "(default off)")
-    p.add_argument("--out", dest="checkpoint", required=True, metavar="CKPT",
-                   help="checkpoint file (required)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out if it exists (default off: an existing --out is "
-                        "an error)")
+    add_training_set_flags(p)
     p.add_argument("--init", metavar="CKPT",
                    help="start from this denoiser checkpoint, e.g. an MSE-trained one before "
                         "the stability objective (default: the architecture's identity "
@@ -89,41 +77,22 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0,
                      help="seed of the initialization, order and noise (default %(default)s)")
 
-    run_ = p.add_argument_group("execution")
-    run_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                      help="cpu, cuda or cuda:N (default %(default)s here)")
-    run_.add_argument("--workers", type=int, default=0,
-                      help="data loader processes (default %(default)s)")
-    run_.add_argument("--threads", type=_positive_int, default=None,
-                      help="CPU threads of torch (default: torch's own choice)")
-    run_.add_argument("--quiet", action="store_true", help="no progress bar (default off)")
+    add_training_execution_flags(p)
     return p
 
 
 def progress_bar(quiet: bool) -> Optional[Callable[[DenoiseProgress], None]]:
-    """A tqdm bar per epoch on stderr and a line per finished epoch on stdout."""
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(p: DenoiseProgress) -> None:
-        nonlocal bar
-        if p.step == 1:
-            bar = tqdm(total=p.steps, desc=f"epoch {p.epoch}/{p.epochs}", file=sys.stderr,
-                       dynamic_ncols=True, mininterval=5.0)
-        bar.update(1)
+    """A tqdm bar per epoch on stderr (the loss, the learning rate and, for the stability
+    objective, the agreement with f(x)) and a line per finished epoch on stdout."""
+    def postfix(p: DenoiseProgress) -> dict:
         shown = {"loss": f"{p.loss:.5f}", "lr": f"{p.lr:.3g}"}
-        if p.agreement is not None:
-            shown["agree"] = f"{p.agreement:.4f}"
-        bar.set_postfix(shown, refresh=False)
-        if p.step == p.steps:
-            bar.close()
-            agreement = "" if p.agreement is None else f", agreement with f(x) {p.agreement:.4f}"
-            print(f"epoch {p.epoch}/{p.epochs}: loss {p.loss:.5f}{agreement}", flush=True)
+        return shown if p.agreement is None else {**shown, "agree": f"{p.agreement:.4f}"}
 
-    return update
+    def summary(p: DenoiseProgress) -> str:
+        agreement = "" if p.agreement is None else f", agreement with f(x) {p.agreement:.4f}"
+        return f"loss {p.loss:.5f}{agreement}"
+
+    return epoch_bar(quiet, postfix, summary)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -97,6 +97,11 @@ class TrainingMethod:
                 "TrainConfig", "method", f"{self.name} is defined for Gaussian smoothing (l2) "
                 "only", f"use {{noise}}gaussian, or {{method}}{others} for l1")
 
+    @classmethod
+    def default_text(cls, name: str) -> str:
+        """The default of hyperparameter ``name``, as help texts state it."""
+        return str(next(f.default for f in fields(cls) if f.name == name))
+
     def record(self) -> Dict[str, Any]:
         """The method's name and hyperparameters, for a checkpoint."""
         return {"name": self.name, **asdict(self)}
@@ -172,6 +177,13 @@ class Consistency(TrainingMethod):
     def for_sigma(cls, sigma, **overrides):
         overrides.setdefault("lbd", next(lbd for top, lbd in CONSISTENCY_LAMBDA if sigma <= top))
         return cls(**overrides)
+
+    @classmethod
+    def default_text(cls, name):
+        if name != "lbd":
+            return super().default_text(name)
+        return ", ".join(f"{lbd:g} at sigma <= {top:g}" if math.isfinite(top) else
+                         f"{lbd:g} above" for top, lbd in CONSISTENCY_LAMBDA)
 
     def step_loss(self, model, x, y, noise, generator, epoch):
         logits = _logits(model, x + _draws(noise, x, self.copies, generator))

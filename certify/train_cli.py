@@ -16,7 +16,6 @@ names each field of an error by its flag (``--batch-size``, ``--attack-steps``, 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -28,7 +27,7 @@ from ancer.data import load_dataset
 from ancer.models import available_models
 from ancer.noise import FAMILIES
 from ancer.train import SCHEDULES, Progress, TrainConfig, preload, train
-from ancer.training_methods import CONSISTENCY_LAMBDA, METHODS, GaussianAugmentation, make_method
+from ancer.training_methods import METHODS, GaussianAugmentation, make_method
 from certify.arguments import Parser, add_training_execution_flags, add_training_set_flags
 from certify.epochs import epoch_bar
 
@@ -57,16 +56,8 @@ METHOD_HELP = {
 
 def _method_defaults(name: str) -> str:
     """``method: default`` for each method with hyperparameter ``name``."""
-    said = []
-    for method, cls in METHODS.items():
-        for f in fields(cls):
-            if f.name == name:
-                default = f.default if f.default is not MISSING else None
-                if method == "consistency" and name == "lbd":  # depends on sigma
-                    default = ", ".join(f"{lbd:g} at sigma <= {top:g}" if math.isfinite(top)
-                                        else f"{lbd:g} above" for top, lbd in CONSISTENCY_LAMBDA)
-                said.append(f"{method}: {default}")
-    return "; ".join(said)
+    return "; ".join(f"{method}: {cls.default_text(name)}" for method, cls in METHODS.items()
+                     if name in {f.name for f in fields(cls)})
 
 
 def parser() -> argparse.ArgumentParser:

@@ -44,10 +44,14 @@ about 1.7 h each, and an isotropic certification of the 100 images at n = 10,000
 E = 2 training takes about 1.5-2 h (Gaussian and consistency 1-2 min per epoch, MACER and
 SmoothAdv 15-35 min), the four isotropic certifications about 2.6 h and the eight dds/ANCER
 runs on 50 images (sampling plus ANCER's optimizer, 15-30 s an input) about 5 h: about 9 h
-in all. Run it in the background and rerun the same command to resume, e.g.
+in all. Run it in the background and rerun the same command to resume; on two cores, two
+processes with disjoint ``--methods`` halve the wall time (they share the results files,
+which are rewritten under a lock), e.g.
 
     nohup timeout 10800 env PYTHONPATH=. python3 benchmarks/bench_training.py \\
-        --data DATA --threads 1 --commit > bench-training.log 2>&1 &
+        --data DATA --threads 1 --commit --methods gaussian,consistency > a.log 2>&1 &
+    nohup timeout 10800 env PYTHONPATH=. python3 benchmarks/bench_training.py \\
+        --data DATA --threads 1 --commit --methods macer,smoothadv > b.log 2>&1 &
 
 Reductions of the issue's protocol, at the scale this machine allows: every method is
 fine-tuned E = 2 epochs over a fixed 10,000-image subset of the training set
@@ -59,6 +63,7 @@ is as specified.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import subprocess
@@ -119,7 +124,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit the results files after every finished stage")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="the methods whose stages this process runs (default all): two "
+                             "processes with disjoint methods share the results files, e.g. "
+                             "--methods gaussian,consistency beside --methods macer,smoothadv")
     args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or any(m not in METHODS for m in args.methods):
+        raise SystemExit(f"--methods takes a comma-separated list of {', '.join(METHODS)}, "
+                         f"not {','.join(args.methods)}")
     largest = max(batch for batch, _ in METHODS.values())
     if not largest <= args.train_images <= TRAIN_SIZE:
         raise SystemExit(f"--train-images must be between {largest} (the largest batch) and "
@@ -163,24 +176,35 @@ class Bench:
         return key in self.results["stages"]
 
     def finish(self, key: str, value: dict) -> None:
-        """Store a finished stage's numbers, rewrite the results files, commit them."""
-        self.results["stages"][key] = value
-        self.results["environment"] = environment(torch.device("cpu"))
-        self.results["protocol"] = self.protocol
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.results, indent=2) + "\n")
-        md = self.path.with_suffix(".md")
-        md.write_text(self.markdown())
-        print(f"[{time.strftime('%H:%M:%S')}] stage {key} done: {value}", flush=True)
-        if self.args.commit:
-            for attempt in range(5):
-                add = subprocess.run(["git", "add", str(self.path), str(md)], cwd=REPO)
-                commit = subprocess.run(["git", "commit", "-q", "-m",
-                                         f"bench_training: stage {key}", "--", str(self.path), str(md)],
-                                        cwd=REPO)
-                if add.returncode == 0 and commit.returncode == 0:
-                    break
-                time.sleep(10)  # another git command holds the index lock
+        """Store a finished stage's numbers, rewrite the results files, commit them. The
+        files are read again and written under a lock, so that processes running other
+        methods' stages (``--methods``) keep each other's stages."""
+        with open(self.work / "results.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.results = json.loads(self.path.read_text())
+                self.results.setdefault("stages", {})
+            self.results["stages"][key] = value
+            self.results["environment"] = environment(torch.device("cpu"))
+            self.results["protocol"] = self.protocol
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.results, indent=2) + "\n")
+            md = self.path.with_suffix(".md")
+            md.write_text(self.markdown())
+            print(f"[{time.strftime('%H:%M:%S')}] stage {key} done: {value}", flush=True)
+            if self.args.commit:
+                self.commit(key, md)
+
+    def commit(self, key: str, md: Path) -> None:
+        """Commit the results files (retried while another git command holds the index)."""
+        for attempt in range(5):
+            add = subprocess.run(["git", "add", str(self.path), str(md)], cwd=REPO)
+            commit = subprocess.run(["git", "commit", "-q", "-m",
+                                     f"bench_training: stage {key}", "--", str(self.path), str(md)],
+                                    cwd=REPO)
+            if add.returncode == 0 and commit.returncode == 0:
+                break
+            time.sleep(10)  # another git command holds the index lock
 
     # -- data ----------------------------------------------------------------------------
     def training_subset(self) -> ArrayDataset:
@@ -259,14 +283,16 @@ class Bench:
     def run(self) -> None:
         E = self.args.epochs
         stages: List[Callable[[], None]] = []
-        stages += [lambda m=m, e=e: self.fine_tune(m, e) for e in range(1, E + 1) for m in CHEAP]
-        stages += [lambda m=m: self.certify(m, "isotropic") for m in CHEAP]
-        stages += [lambda m=m, e=e: self.fine_tune(m, e) for e in range(1, E + 1) for m in COSTLY]
-        stages += [lambda m=m: self.certify(m, "isotropic") for m in COSTLY]
-        stages += [lambda m=m, k=k: self.certify(m, k) for k in ("ancer", "dds") for m in METHODS]
+        cheap, costly = ([m for m in group if m in self.args.methods] for group in (CHEAP, COSTLY))
+        stages += [lambda m=m, e=e: self.fine_tune(m, e) for e in range(1, E + 1) for m in cheap]
+        stages += [lambda m=m: self.certify(m, "isotropic") for m in cheap]
+        stages += [lambda m=m, e=e: self.fine_tune(m, e) for e in range(1, E + 1) for m in costly]
+        stages += [lambda m=m: self.certify(m, "isotropic") for m in costly]
+        stages += [lambda m=m, k=k: self.certify(m, k) for k in ("ancer", "dds")
+                   for m in METHODS if m in self.args.methods]
         for stage in stages:
             stage()
-        print("all stages done", flush=True)
+        print(f"all stages of {', '.join(self.args.methods)} done", flush=True)
 
     # -- the report ----------------------------------------------------------------------
     def markdown(self) -> str:

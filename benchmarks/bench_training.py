@@ -66,6 +66,7 @@ import argparse
 import fcntl
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +102,8 @@ CHEAP, COSTLY = ("gaussian", "consistency"), ("macer", "smoothadv")
 TRAIN_SIZE = 50_000  #: CIFAR-10's training images
 SUBSET_RULE = ("the first N of torch.randperm(50000, generator=torch.Generator().manual_seed(0)), "
                "sorted")
+#: where --snapshot keeps a protocol's checkpoints in the repository
+KEPT = RESULTS / "training-run"
 RADII = (0.0, 0.25, 0.5, 0.75)
 PROXY_RADII = (0.25, 0.5, 0.75)
 
@@ -128,6 +131,10 @@ def parse_args() -> argparse.Namespace:
                         help="the methods whose stages this process runs (default all): two "
                              "processes with disjoint methods share the results files, e.g. "
                              "--methods gaussian,consistency beside --methods macer,smoothadv")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="keep this protocol's checkpoints in benchmarks/results/"
+                             "training-run/ (weights only for those that finished their E "
+                             "epochs), from which a fresh clone's run resumes, then exit")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     if not args.methods or any(m not in METHODS for m in args.methods):
@@ -155,6 +162,8 @@ class Bench:
         # checkpoints and certificates of one subset size and epoch count, apart from others'
         self.run_dir = self.work / f"subset{args.train_images}-epochs{args.epochs}"
         self.run_dir.mkdir(exist_ok=True)
+        self.kept = KEPT / self.run_dir.name
+        self.restore()
         self.stem = f"training-{device_label(torch.device('cpu'))}-subset{args.train_images}"
         self.path = args.results / f"{self.stem}.json"
         self.protocol = {"epochs": args.epochs, "train_images": args.train_images,
@@ -235,6 +244,29 @@ class Bench:
             self._data = ArrayDataset("cifar10-train", saved["images"], saved["labels"], 10,
                                       saved["classes"])
         return self._data
+
+    def restore(self) -> None:
+        """Copy into the work folder the checkpoints a snapshot (``--snapshot``) kept and
+        the work folder lacks (a fresh clone's run resumes from the committed snapshot)."""
+        if self.kept.is_dir():
+            for kept in self.kept.iterdir():
+                if not (self.run_dir / kept.name).exists():
+                    shutil.copy2(kept, self.run_dir / kept.name)
+
+    def snapshot(self) -> None:
+        """Keep this protocol's checkpoints in the repository, so that a fresh clone's run
+        does not train again: those that finished their E epochs without their optimizer
+        state (certification needs the weights only), the others whole (to resume)."""
+        self.kept.mkdir(parents=True, exist_ok=True)
+        for method in METHODS:
+            source, kept = self.checkpoint(method), self.kept / self.checkpoint(method).name
+            if not source.exists():
+                continue
+            saved = read_checkpoint(source, trust=False, map_location=torch.device("cpu"))
+            if saved["epoch"] >= self.args.epochs:
+                saved.pop("optimizer", None)
+            torch.save(saved, kept)
+            print(f"kept {kept} ({saved['epoch']} epochs)", flush=True)
 
     def checkpoint(self, method: str) -> Path:
         return self.run_dir / f"{method}.pth.tar"
@@ -375,4 +407,8 @@ def _log_progress(method: str) -> Callable:
 if __name__ == "__main__":
     arguments = parse_args()
     torch.set_num_threads(arguments.threads)
-    Bench(arguments).run()
+    bench = Bench(arguments)
+    if arguments.snapshot:
+        bench.snapshot()
+    else:
+        bench.run()

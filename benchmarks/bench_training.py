@@ -53,6 +53,10 @@ which are rewritten under a lock), e.g.
     nohup timeout 10800 env PYTHONPATH=. python3 benchmarks/bench_training.py \\
         --data DATA --threads 1 --commit --methods macer,smoothadv > b.log 2>&1 &
 
+The work folder is not part of the repository; ``--snapshot`` keeps the checkpoints in
+``benchmarks/results/training-run/`` (committed), from which a run in a fresh clone restores
+them instead of training again.
+
 Reductions of the issue's protocol, at the scale this machine allows: every method is
 fine-tuned E = 2 epochs over a fixed 10,000-image subset of the training set
 (``--train-images``) rather than over all 50,000 images (at full size MACER and SmoothAdv

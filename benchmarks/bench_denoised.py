@@ -168,6 +168,8 @@ def compare_curves(found: Dict[str, dict]) -> Dict[str, object]:
         summary["images_compared"] = images
         summary["denoised_over_clean_at_0.25"] = (b[1] / a[1]) if a[1] > 0 else float("inf")
         summary["clean_at_0.25"], summary["denoised_at_0.25"] = a[1], b[1]
+        for run in ("clean", "clean-dncnn"):
+            summary[f"{run}_classes"] = _class_breakdown(run, images)
     if found.get("clean-dncnn", {}).get("forward_passes"):
         images = found["clean-dncnn"]["images"]
         summary["sequential_pass_ratio"] = (N0 + N) * images / found["clean-dncnn"]["forward_passes"]
@@ -187,6 +189,23 @@ def compare_curves(found: Dict[str, dict]) -> Dict[str, object]:
             found["noise-trained"]["certified_accuracy"][str(r)]
             - found["clean-dncnn"]["certified_accuracy"][str(r)] for r in RADII]
     return summary
+
+
+def _class_breakdown(run: str, images: int, radius: float = 0.25) -> Dict[str, Dict[int, int]]:
+    """How a run's smoothed predictions spread over the classes, on its first ``images``
+    rows: the count of each predicted class (-1: abstained) and, per true class, the inputs
+    certified at ``radius``. A classifier that collapses to a few classes under noise
+    certifies exactly the inputs of those classes, which inflates its curve on a sample
+    where they are common."""
+    table = read_results(results_path(run))
+    label = table.columns["label"][:images].astype(int)
+    predict = table.columns["predict"][:images].astype(int)
+    certified = (table.columns["correct"][:images] == 1) & (table.columns["radius"][:images] >= radius)
+    def count(values: np.ndarray) -> Dict[int, int]:
+        classes, counts = np.unique(values, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        return {int(classes[i]): int(counts[i]) for i in order}
+    return {"predicted": count(predict), f"certified_at_{radius:g}_by_label": count(label[certified])}
 
 
 def _accuracy_on(run: str, images: int) -> List[float]:

@@ -37,8 +37,8 @@ from ancer.errors import ArgumentError, CheckpointError
 from ancer.models.checkpoint import read_checkpoint
 from ancer.seeding import derive_seed, make_generator
 from ancer.train import save_checkpoint
-from ancer.validate import (check_bool, check_checkpoint_path, check_choice, check_int,
-                            check_number, not_resumable)
+from ancer.validate import (check_bool, check_checkpoint_path, check_choice, not_resumable,
+                            set_int, set_number)
 
 OBJECTIVES = ("mse", "stability")
 
@@ -62,14 +62,14 @@ class DenoiseConfig:
     def __post_init__(self) -> None:
         owner = "DenoiseConfig"
         for name in ("sigma", "lr"):
-            check_number(owner, name, getattr(self, name), low=0.0, strict=True)
+            set_number(self, name, low=0.0, strict=True)
         check_choice(owner, "objective", self.objective, OBJECTIVES)
         for name in ("epochs", "batch_size", "lr_step"):
-            check_int(owner, name, getattr(self, name), low=1)
-        check_number(owner, "weight_decay", self.weight_decay, low=0.0)
-        check_number(owner, "lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
+            set_int(self, name, low=1)
+        set_number(self, "weight_decay", low=0.0)
+        set_number(self, "lr_gamma", low=0.0, high=1.0, strict=True)
         check_bool(owner, "augment", self.augment)
-        check_int(owner, "seed", self.seed, low=0)
+        set_int(self, "seed", low=0)
 
     def learning_rate(self, epoch: int) -> float:
         """The step schedule of epoch ``epoch`` (from 0): lr · gamma^(epoch // lr_step)."""

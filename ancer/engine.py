@@ -47,6 +47,7 @@ from ancer.optimize import optimize_anisotropic, optimize_isotropic
 from ancer.seeding import input_generator
 from ancer.smoothing import Certificate, Smoothed
 from ancer.stats import check_alpha
+from ancer.validate import check_choice, set_int, set_number
 from ancer.vocabulary import (COMPILE_CHOICES, METHODS, NORMS, OUTPUTS, PRECISIONS, THETA0,
                               is_anisotropic, uses_memory)
 
@@ -70,28 +71,9 @@ def _fail(field: str, problem: str, fix: str) -> ArgumentError:
     return ArgumentError.of_field("CertifyConfig", field, problem, fix)
 
 
-def _positive_number(field: str, value: Any, example: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _fail(field, f"{value!r} is not a number",
-                    f"give a number > 0, e.g. {{{field}}}{example}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise _fail(field, f"{value!r} is not > 0", f"give a number > 0, e.g. {{{field}}}{example}")
-    return number
-
-
-def _count(field: str, value: Any, example: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or value < minimum:
-        raise _fail(field, f"{value!r} is not an integer >= {minimum}", f"e.g. {{{field}}}{example}")
-    return int(value)
-
-
 def _choice(field: str, value: Any, choices: Sequence[Any]) -> Any:
-    if value not in choices:
-        raise _fail(field, f"{value!r} is not a choice", f"give one of {', '.join(map(repr, choices))}")
-    return value
+    """Config field ``field``: one of ``choices``."""
+    return check_choice("CertifyConfig", field, value, choices)
 
 
 @dataclass(frozen=True)
@@ -138,14 +120,14 @@ class CertifyConfig:
 
     def __post_init__(self) -> None:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        put("sigma", _positive_number("sigma", self.sigma, "0.25"))
+        set_number(self, "sigma", 0.0, strict=True, example="0.25")
         _choice("norm", self.norm, NORMS)
         _choice("method", self.method, METHODS)
         _choice("theta0", self.theta0, THETA0)
         if self.theta0 == "dds" and self.method != "ancer":
             raise _fail("theta0", "'dds' is ancer's starting point", "use it with {method}'ancer'")
-        put("n0", _count("n0", self.n0, "100"))
-        put("n", _count("n", self.n, "100000"))
+        set_int(self, "n0", 1, example="100")
+        set_int(self, "n", 1, example="100000")
         try:
             put("alpha", check_alpha(self.alpha))
         except ArgumentError:
@@ -154,17 +136,17 @@ class CertifyConfig:
         put("radii", self._checked_radii())
         for name, example in (("opt_iterations", "100"), ("opt_samples", "100")):
             if getattr(self, name) is not None:
-                put(name, _count(name, getattr(self, name), example))
+                set_int(self, name, 1, example=example)
         for name, example in (("opt_lr", "0.04"), ("kappa", "2.0")):
             if getattr(self, name) is not None:
-                put(name, _positive_number(name, getattr(self, name), example))
+                set_number(self, name, 0.0, strict=True, example=example)
         if self.method == "isotropic" and any(getattr(self, name) is not None for name in
                                               ("opt_iterations", "opt_lr", "opt_samples", "kappa")):
             raise _fail("method", "optimizer options were given for the isotropic method, "
                         "which optimizes nothing", "use {method}'dds' or 'ancer', or drop them")
         if self.method == "dds" and self.kappa is not None:
             raise _fail("kappa", "κ weighs ancer's proxy-radius term", "drop it for {method}'dds'")
-        put("batch", _count("batch", self.batch, "1000"))
+        set_int(self, "batch", 1, example="1000")
         _choice("precision", self.precision, PRECISIONS)
         _choice("compile", self.compile, COMPILE_CHOICES)
         put("cuda_graphs", bool(self.cuda_graphs))

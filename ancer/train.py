@@ -48,7 +48,7 @@ from ancer.noise import FAMILIES, Noise
 from ancer.seeding import derive_seed, make_generator
 from ancer.training_methods import GaussianAugmentation, TrainingMethod, method_from_record
 from ancer.validate import (check_bool, check_checkpoint_path, check_choice, check_int,
-                            check_number, not_resumable)
+                            not_resumable, set_int, set_number)
 
 PathLike = Union[str, Path]
 
@@ -104,7 +104,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
-        check_number(owner, "sigma", self.sigma, low=0.0)
+        set_number(self, "sigma", low=0.0)
         check_choice(owner, "noise", self.noise, sorted(FAMILIES))
         if not isinstance(self.method, TrainingMethod):
             raise ArgumentError.of_field(owner, "method", f"{self.method!r} is not a "
@@ -117,12 +117,12 @@ class TrainConfig:
                 f"does, not {self.method.name}", "give a number > 0, or {method}gaussian")
         check_choice(owner, "schedule", self.schedule, SCHEDULES)
         for name in ("epochs", "batch_size", "lr_step"):
-            check_int(owner, name, getattr(self, name), low=1)
-        check_int(owner, "seed", self.seed, low=0)
-        check_number(owner, "lr", self.lr, low=0.0, strict=True)
-        check_number(owner, "momentum", self.momentum, low=0.0, high=1.0)
-        check_number(owner, "weight_decay", self.weight_decay, low=0.0)
-        check_number(owner, "lr_gamma", self.lr_gamma, low=0.0, high=1.0, strict=True)
+            set_int(self, name, low=1)
+        set_int(self, "seed", low=0)
+        set_number(self, "lr", low=0.0, strict=True)
+        set_number(self, "momentum", low=0.0, high=1.0)
+        set_number(self, "weight_decay", low=0.0)
+        set_number(self, "lr_gamma", low=0.0, high=1.0, strict=True)
         check_bool(owner, "augment", self.augment)
 
     def make_noise(self) -> Optional[Noise]:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ancer.errors import ArgumentError
-from ancer.validate import check_bool, check_int, check_number
+from ancer.validate import check_bool, set_int, set_number
 from ancer.noise import Noise
 
 
@@ -169,9 +169,9 @@ class Consistency(TrainingMethod):
     uniform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_int(type(self).__name__, "copies", self.copies, low=2)
-        check_number(type(self).__name__, "lbd", self.lbd, low=0.0)
-        check_number(type(self).__name__, "eta", self.eta, low=0.0)
+        set_int(self, "copies", low=2)
+        set_number(self, "lbd", low=0.0)
+        set_number(self, "eta", low=0.0)
 
     @classmethod
     def for_sigma(cls, sigma, **overrides):
@@ -236,10 +236,10 @@ class Macer(TrainingMethod):
     uniform: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_int(type(self).__name__, "draws", self.draws, low=1)
-        check_number(type(self).__name__, "beta", self.beta, low=0.0)
-        check_number(type(self).__name__, "gamma", self.gamma, low=0.0)
-        check_number(type(self).__name__, "lbd", self.lbd, low=0.0)
+        set_int(self, "draws", low=1)
+        set_number(self, "beta", low=0.0)
+        set_number(self, "gamma", low=0.0)
+        set_number(self, "lbd", low=0.0)
 
     def step_loss(self, model, x, y, noise, generator, epoch):
         logits = _logits(model, x + _draws(noise, x, self.draws, generator))
@@ -295,10 +295,10 @@ class SmoothAdv(TrainingMethod):
     uniform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_number(type(self).__name__, "epsilon", self.epsilon, low=0.0)
-        check_int(type(self).__name__, "steps", self.steps, low=1)
-        check_int(type(self).__name__, "copies", self.copies, low=1)
-        check_int(type(self).__name__, "warmup", self.warmup, low=1)
+        set_number(self, "epsilon", low=0.0)
+        set_int(self, "steps", low=1)
+        set_int(self, "copies", low=1)
+        set_int(self, "warmup", low=1)
         check_bool(type(self).__name__, "multi_noise", self.multi_noise)
 
     def radius(self, epoch: int) -> float:

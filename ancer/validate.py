@@ -1,42 +1,70 @@
 """Checks of configuration fields, each raising the field's :class:`ArgumentError`.
 
 One definition of "an integer >= low", "a finite number in [low, high]", "one of these
-choices", "True or False" and "a checkpoint path a run may write", for training
-(:class:`ancer.train.TrainConfig`, the methods of :mod:`ancer.training_methods`,
-:class:`ancer.denoise_train.DenoiseConfig` and the functions that train).
+choices", "True or False" and "a checkpoint path a run may write", for certification
+(:class:`ancer.engine.CertifyConfig`) and training (:class:`ancer.train.TrainConfig`, the
+methods of :mod:`ancer.training_methods`, :class:`ancer.denoise_train.DenoiseConfig` and the
+functions that train).
 Every error names its field (``owner.field`` for Python, a flag for a command line: see
 :meth:`ArgumentError.spelled`), says what the value is not, and what to give instead.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
 from ancer.errors import ArgumentError
 
 
-def check_int(owner: str, field: str, value: Any, low: int) -> int:
-    """``value`` is an int (not a bool) >= ``low``, else ``owner.field``'s ArgumentError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def _example(field: str, example: str) -> str:
+    """The tail of a fix that shows a good value of ``field`` (none when ``example`` is "")."""
+    return f", e.g. {{{field}}}{example}" if example else ""
+
+
+def check_int(owner: str, field: str, value: Any, low: int, example: str = "") -> int:
+    """``value`` is an integer >= ``low`` (an int, a numpy integer or an integral real such as
+    ``1e5``; not a bool), returned as an int, else ``owner.field``'s ArgumentError, whose fix
+    shows ``example`` when given."""
+    integral = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value) and value == int(value))
+    if not integral or value < low:
         raise ArgumentError.of_field(owner, field, f"{value!r} is not an integer >= {low}",
-                                     f"give an integer >= {low}")
-    return value
+                                     f"give an integer >= {low}" + _example(field, example))
+    return int(value)
 
 
 def check_number(owner: str, field: str, value: Any, low: float, high: float = math.inf,
-                 strict: bool = False) -> float:
+                 strict: bool = False, example: str = "") -> float:
     """``value`` is a finite real (not a bool) in [low, high] ((low, high] when ``strict``),
-    else ``owner.field``'s ArgumentError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    returned as a float, else ``owner.field``'s ArgumentError, whose fix shows ``example``
+    when given."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if strict else value >= low) and value <= high
     if not ok:
         bound = f"> {low:g}" if strict else f">= {low:g}"
         bound += f" and <= {high:g}" if math.isfinite(high) else ""
         raise ArgumentError.of_field(owner, field, f"{value!r} is not a finite number {bound}",
-                                     f"give a number {bound}")
-    return value
+                                     f"give a number {bound}" + _example(field, example))
+    return float(value)
+
+
+def set_int(config: Any, field: str, low: int, example: str = "") -> None:
+    """Check ``config.field`` with :func:`check_int` (owner: the config's class) and store it
+    back as an int; ``config`` may be a frozen dataclass, checking itself on creation."""
+    value = check_int(type(config).__name__, field, getattr(config, field), low, example)
+    object.__setattr__(config, field, value)
+
+
+def set_number(config: Any, field: str, low: float, high: float = math.inf,
+               strict: bool = False, example: str = "") -> None:
+    """Check ``config.field`` with :func:`check_number` (owner: the config's class) and store
+    it back as a float; ``config`` may be a frozen dataclass, checking itself on creation."""
+    value = check_number(type(config).__name__, field, getattr(config, field), low, high, strict,
+                         example)
+    object.__setattr__(config, field, value)
 
 
 def check_choice(owner: str, field: str, value: Any, choices: Sequence[Any]) -> Any:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, load_model
+from ancer import ABSTAIN, ArgumentError, Certifier, CertifyConfig, TrainConfig, load_model
+from ancer.training_methods import Macer
 from ancer.memory import KEPT, Memory
 from ancer.results import read_results
 from linear_models import Linear, inputs_at_margins
@@ -113,6 +114,31 @@ def test_each_bad_field_is_named_in_one_line(fields, named):
         CertifyConfig(**{"sigma": 0.25, **fields})
     message = str(caught.value)
     assert message.startswith(f"CertifyConfig.{named}:") and "\n" not in message
+
+
+def test_config_takes_numpy_scalars_and_integral_floats_as_the_types_it_stores():
+    config = CertifyConfig(sigma=np.float32(0.5), n=np.int64(1000), n0=1e2, batch=np.float64(64))
+    assert (config.sigma, config.n, config.n0, config.batch) == (0.5, 1000, 100, 64)
+    assert type(config.sigma) is float and {type(config.n), type(config.n0), type(config.batch)} == {int}
+    with pytest.raises(ArgumentError, match=r"^CertifyConfig.n0: True is not an integer >= 1; "
+                                            r"give an integer >= 1, e.g. n0=100$"):
+        CertifyConfig(sigma=0.25, n0=True)
+
+
+def test_certify_and_train_configs_share_one_validator():
+    """One definition of "an integer >= 1" (ancer.validate): the same value gets the same
+    words whichever config it is given to."""
+    with pytest.raises(ArgumentError) as bad_n:
+        CertifyConfig(sigma=0.25, n=0)
+    with pytest.raises(ArgumentError) as bad_epochs:
+        TrainConfig(sigma=0.25, epochs=0)
+    problem = "0 is not an integer >= 1; give an integer >= 1"
+    assert str(bad_n.value) == f"CertifyConfig.n: {problem}, e.g. n=100000"
+    assert str(bad_epochs.value) == f"TrainConfig.epochs: {problem}"
+    # and both store what they checked as plain Python numbers (numpy ones would not go
+    # into a JSON history or a checkpoint's record)
+    config = TrainConfig(sigma=np.float32(0.25), epochs=np.int64(3), method=Macer(draws=np.int64(4)))
+    assert (type(config.sigma), type(config.epochs), type(config.method.draws)) == (float, int, int)
 
 
 def test_config_is_frozen_and_replace_validates_again():
